@@ -1,0 +1,50 @@
+"""The contract between the model and an attention implementation.
+
+A step's tokens are flattened into one [T, ...] batch. Sequences that decode one
+token come first (`num_decodes` of them), then sequences that prefill a chunk.
+Every backend writes the step's K/V into the paged cache and attends over the
+cached prefix plus the new tokens, causally.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token of a step lives in the paged cache, and what it sees."""
+
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor  # [B] int32: KV length of each sequence after this step
+    query_start_loc: torch.Tensor  # [B + 1] int32: prefix sums of tokens per sequence
+    num_decodes: int  # the first num_decodes sequences have exactly one query token
+    # Host copies, so backends that loop over sequences never sync on the device.
+    seq_lens_host: tuple[int, ...]
+    query_start_loc_host: tuple[int, ...]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+
+class AttentionBackend(Protocol):
+    """Writes this step's K/V into the cache, then attends. Returns [T, H, D]."""
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k: torch.Tensor,  # [T, KVH, D]
+        v: torch.Tensor,  # [T, KVH, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...

@@ -1,0 +1,131 @@
+"""Paged attention in plain PyTorch: the CPU path and the reference for kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from membound.attention.base import AttentionMetadata
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter each new token's K/V into its slot of the paged cache."""
+    kvh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, H, D], one query per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One query token per sequence over its whole cached context, batched."""
+    b, h, d = q.shape
+    kvh = k_cache.shape[-2]
+    block_size = k_cache.shape[1]
+    max_len = block_tables.shape[1] * block_size
+    # Gather every sequence's blocks: [B, L, KVH, D]. Query heads are grouped by
+    # the KV head they share so K/V are never repeated (GQA).
+    keys = k_cache[block_tables].reshape(b, max_len, kvh, d).float()
+    values = v_cache[block_tables].reshape(b, max_len, kvh, d).float()
+    qg = q.float().reshape(b, kvh, h // kvh, d)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
+    pos = torch.arange(max_len, device=q.device)
+    valid = pos[None, :] < seq_lens[:, None]
+    if sliding_window is not None:
+        valid &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgl,blkd->bkgd", probs, values)
+    return out.reshape(b, h, d).to(q.dtype)
+
+
+def prefill_attention(
+    q: torch.Tensor,  # [Q, H, D], the new tokens of one sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [max_blocks]
+    seq_len: int,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Causal attention of one sequence's new tokens over its cached prefix + themselves."""
+    q_len, h, d = q.shape
+    kvh = k_cache.shape[-2]
+    block_size = k_cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks]
+    keys = k_cache[blocks].reshape(-1, kvh, d)[:seq_len]
+    values = v_cache[blocks].reshape(-1, kvh, d)[:seq_len]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+    k_pos = torch.arange(seq_len, device=q.device)[None, :]
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        keys.to(q.dtype).transpose(0, 1)[None],
+        values.to(q.dtype).transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=h != kvh,
+    )
+    return out[0].transpose(0, 1)
+
+
+class TorchPagedAttention:
+    """Runs anywhere PyTorch runs; decodes are batched, prefills go one sequence at a time."""
+
+    name = "torch"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        parts = []
+        if nd:
+            parts.append(
+                decode_attention(
+                    q[:nd],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[:nd],
+                    meta.seq_lens[:nd],
+                    scale,
+                    sliding_window,
+                )
+            )
+        starts = meta.query_start_loc_host
+        for i in range(nd, meta.num_seqs):
+            parts.append(
+                prefill_attention(
+                    q[starts[i] : starts[i + 1]],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[i],
+                    meta.seq_lens_host[i],
+                    scale,
+                    sliding_window,
+                )
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -1,0 +1,76 @@
+"""Engine configuration: one typed dataclass, validated where the user hands it in."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from membound.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """Knobs named as vLLM names them, so users can carry their settings over.
+
+    model: GGUF file, HF folder, or (with load_format="dummy") a preset name; None is
+    the embedded SmolLM2-135M-Instruct.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA (fp16 if bf16 is unsupported)
+    device: str = "auto"
+    max_model_len: int | None = None  # None: the model's own context length
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None  # explicit KV budget; CPU default 2 GiB
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    load_format: str = "auto"  # "auto" or "dummy" (random weights)
+    attention_backend: str = "auto"
+    skip_tokenizer_init: bool = False
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            positive(name)
+        if self.max_model_len is not None:
+            positive("max_model_len")
+        if self.kv_cache_memory_bytes is not None:
+            positive("kv_cache_memory_bytes")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ConfigError(f"dtype must be auto, {', '.join(DTYPES)} (or fp32/fp16/bf16), got {self.dtype!r}")
+        self.dtype = dtype
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda was asked for but this torch build sees no CUDA GPU")
+        return dev
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32

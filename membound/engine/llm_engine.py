@@ -1,0 +1,281 @@
+"""The engine: add requests, step, get outputs. The server and `LLM` both drive this."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from membound.attention import get_backend
+from membound.attention.base import AttentionMetadata
+from membound.config import EngineConfig
+from membound.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache, blocks_needed
+from membound.engine.memory import MemoryPlan, plan_memory
+from membound.engine.model_runner import ModelRunner
+from membound.engine.request import Request, Status
+from membound.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from membound.errors import InvalidRequestError
+from membound.model.loader import load_config, load_model, resolve_model
+from membound.model.tokenizer import Tokenizer
+from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from membound.sampling_params import SamplingParams
+
+log = logging.getLogger("membound")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float  # fraction of blocks in use
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        source = resolve_model(config.model, config.load_format)
+        t0 = time.perf_counter()
+        self.backend = get_backend(config.attention_backend)
+        mc = load_config(source)
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            log.warning(
+                "max_model_len %d exceeds the model's context length %d; quality past it is not guaranteed",
+                self.max_model_len,
+                mc.max_position_embeddings,
+            )
+        loaded = load_model(source, self.backend, self.dtype, self.device, self.max_model_len, config.seed)
+        self.model = loaded.model
+        self.model_config = mc
+        self.source = source
+        self.tokenizer = None
+        if not config.skip_tokenizer_init and source.path is not None:
+            self.tokenizer = Tokenizer.from_model_path(source.path)
+        eos = set(mc.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+
+        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
+        activation_peak = self._profile_activation_peak()
+        self.memory: MemoryPlan = plan_memory(
+            config, self.kv_spec, self.device, loaded.weight_bytes, activation_peak, self.max_model_len
+        )
+        kv_caches = allocate_kv_cache(self.kv_spec, self.memory.num_blocks, self.device)
+        self.allocator = BlockAllocator(self.memory.num_blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                block_size=config.block_size,
+                enable_chunked_prefill=config.enable_chunked_prefill,
+            ),
+            self.allocator,
+        )
+        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, config.seed)
+        self.requests: dict[str, Request] = {}
+        log.info(
+            "loaded %s (%s, %s) on %s in %.1fs; %s",
+            source.name,
+            mc.architecture,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
+            time.perf_counter() - t0,
+            self.memory.describe(self.max_model_len),
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError (and queues nothing) if it is bad."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling params must be a SamplingParams")
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this engine has no tokenizer; pass prompt token ids")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        self._check_prompt(ids, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        detok = None
+        if self.tokenizer is not None:
+            detok = self.tokenizer.detokenizer(ids, params.skip_special_tokens)
+        req = Request(
+            request_id,
+            text,
+            ids,
+            params,
+            arrival_time or time.time(),
+            self.eos_token_ids,
+            self.max_model_len,
+            detok,
+            generator,
+        )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
+                "it must be shorter to leave room for at least one generated token"
+            )
+        if params.max_tokens is not None and params.min_tokens > self.max_model_len - len(ids):
+            raise InvalidRequestError(
+                f"min_tokens={params.min_tokens} cannot fit: the prompt has {len(ids)} tokens "
+                f"and max_model_len is {self.max_model_len}"
+            )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks at once. False if it is unknown or done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        req.finish("abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and report every request that made progress."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.time()
+        for s in sched.scheduled:
+            if s.request.metrics.first_scheduled_time is None:
+                s.request.metrics.first_scheduled_time = now
+        result = self.runner.execute(sched)
+        return self._update(sched, result)
+
+    def _update(self, sched: SchedulerOutput, result) -> list[RequestOutput]:
+        outputs = []
+        row = 0
+        now = time.time()
+        for s in sched.scheduled:
+            req = s.request
+            samples = s.samples
+            req.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                continue
+            token = result.token_ids[row]
+            lp = None
+            if req.logprobs is not None:
+                n = req.params.logprobs
+                lp = TokenLogprob(
+                    token,
+                    result.logprobs[row],
+                    dict(zip(result.top_ids[row][:n], result.top_logprobs[row][:n], strict=True)),
+                )
+            row += 1
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.append_token(token, lp)
+            if req.is_finished:
+                req.metrics.finished_time = now
+                self.scheduler.remove(req)
+                self.requests.pop(req.request_id, None)
+            outputs.append(self._output(req))
+        return outputs
+
+    def _output(self, req: Request) -> RequestOutput:
+        limit = req.stream_text_limit()
+        delta_text = req.text[req.emitted_chars : limit]
+        req.emitted_chars = limit
+        delta_ids = req.output_token_ids[req.emitted_tokens :]
+        req.emitted_tokens = req.num_output_tokens
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text=req.text,
+                    token_ids=req.output_token_ids,
+                    logprobs=req.logprobs,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                )
+            ],
+            finished=req.is_finished,
+            metrics=req.metrics,
+            delta_text=delta_text,
+            delta_token_ids=delta_ids,
+        )
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.allocator.usage,
+            num_free_blocks=self.allocator.num_free,
+            num_total_blocks=self.allocator.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # ------------------------------------------------------------------ start-up
+
+    @torch.inference_mode()
+    def _profile_activation_peak(self) -> int:
+        """Peak memory of the largest step (CUDA only; on CPU the KV budget is fixed)."""
+        if self.device.type != "cuda":
+            return 0
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        bs = self.config.block_size
+        nblocks = blocks_needed(n, bs)
+        caches = allocate_kv_cache(self.kv_spec, nblocks, self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=self.device),
+            block_tables=torch.arange(nblocks, dtype=torch.int32, device=self.device)[None],
+            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
+            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
+            num_decodes=0,
+            seq_lens_host=(n,),
+            query_start_loc_host=(0, n),
+        )
+        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta)
+        rows = min(self.config.max_num_seqs, n)
+        self.model.compute_logits(hidden[:rows]).softmax(-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del caches, hidden
+        torch.cuda.empty_cache()
+        return peak

@@ -1,0 +1,112 @@
+"""A request's life inside the engine: its tokens, its KV blocks, its output so far."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from membound.model.tokenizer import Detokenizer
+from membound.outputs import RequestMetrics, TokenLogprob
+from membound.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        detokenizer: Detokenizer | None,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.token_ids = list(prompt_token_ids)  # prompt + output, what the KV cache holds
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.block_ids: list[int] = []
+        self.status = Status.WAITING
+        self.metrics = RequestMetrics(arrival_time)
+        self.eos_token_ids = () if params.ignore_eos else eos_token_ids
+        limit = max_model_len - len(prompt_token_ids)
+        self.max_output = limit if params.max_tokens is None else min(params.max_tokens, limit)
+        self.detokenizer = detokenizer
+        self.generator = generator  # per-request RNG when a seed is given
+        self.text = ""
+        self.emitted_chars = 0  # how much of `text` step outputs have shown
+        self.emitted_tokens = 0
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
+        """Record a sampled token, then decide whether the request is done."""
+        self.token_ids.append(token_id)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+        n = self.num_output_tokens
+        prev_len = len(self.text)
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.step(token_id)
+        past_min = n >= self.params.min_tokens
+        if past_min and token_id in self.eos_token_ids:
+            self.finish("stop", token_id)
+        elif past_min and token_id in self.params.stop_token_ids:
+            self.finish("stop", token_id)
+        elif past_min and self.params.stop and self._check_stop_strings(prev_len):
+            pass
+        elif n >= self.max_output:
+            self.finish("length")
+
+    def _check_stop_strings(self, prev_len: int) -> bool:
+        # Only a match that ends inside this token's text is new.
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, prev_len - longest + 1)
+        for s in self.params.stop:
+            idx = self.text.find(s, start)
+            if idx != -1:
+                self.text = self.text[:idx]
+                self.finish("stop", s)
+                return True
+        return False
+
+    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+        self.status = Status.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason
+
+    def stream_text_limit(self) -> int:
+        """How much of `text` can be shown now: hold back a tail that might begin a stop string."""
+        if self.is_finished or not self.params.stop:
+            return len(self.text)
+        hold = max(len(s) for s in self.params.stop) - 1
+        return max(self.emitted_chars, len(self.text) - hold)

@@ -1,0 +1,164 @@
+"""Turns logits into next tokens on the device the model runs on.
+
+Order (as vLLM): penalties on the logits, then temperature, then top-k / top-p /
+min-p truncation, then a draw. Draws use the exponential race (argmax of p / E
+with E ~ Exp(1)), which lets each seeded request take its noise from its own
+generator: a request with a seed samples the same tokens in any batch.
+Only the sampled ids (and logprobs when asked) leave the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from membound.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class SamplingBatch:
+    """Per-row sampling settings for one step, as device tensors."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    temperature: torch.Tensor  # [B] fp32
+    top_k: torch.Tensor  # [B] int64, vocab size when off
+    top_p: torch.Tensor  # [B] fp32
+    min_p: torch.Tensor  # [B] fp32
+    all_greedy: bool
+    needs_truncation: bool
+    max_logprobs: int | None  # None: no row asked for logprobs
+    penalties: Penalties | None
+
+    @classmethod
+    def build(
+        cls,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        token_ids: list[list[int]],
+        num_prompt_tokens: list[int],
+        vocab_size: int,
+        device: torch.device,
+    ) -> SamplingBatch:
+        def t(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            params=params,
+            generators=generators,
+            temperature=t([p.temperature for p in params]),
+            top_k=t(top_k, torch.int64),
+            top_p=t([p.top_p for p in params]),
+            min_p=t([p.min_p for p in params]),
+            all_greedy=all(p.greedy for p in params),
+            needs_truncation=any(
+                not p.greedy and (p.top_p < 1 or p.min_p > 0 or 0 < p.top_k < vocab_size) for p in params
+            ),
+            max_logprobs=max(asked) if asked else None,
+            penalties=Penalties.build(params, token_ids, num_prompt_tokens, vocab_size, device)
+            if any(p.uses_penalties for p in params)
+            else None,
+        )
+
+
+@dataclasses.dataclass
+class Penalties:
+    repetition: torch.Tensor  # [B, 1]
+    presence: torch.Tensor  # [B, 1]
+    frequency: torch.Tensor  # [B, 1]
+    output_counts: torch.Tensor  # [B, V] how often each token was generated
+    seen: torch.Tensor  # [B, V] bool: in the prompt or the output
+
+    @classmethod
+    def build(cls, params, token_ids, num_prompt_tokens, vocab_size, device) -> Penalties:
+        b = len(params)
+        width = max(len(ids) for ids in token_ids)
+        # Pad with an id past the vocabulary, into a spare column dropped below.
+        padded = torch.full((b, width), vocab_size, dtype=torch.int64)
+        is_output = torch.zeros((b, width), dtype=torch.float32)
+        for i, ids in enumerate(token_ids):
+            padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            is_output[i, num_prompt_tokens[i] : len(ids)] = 1
+        padded, is_output = padded.to(device), is_output.to(device)
+        counts = torch.zeros((b, vocab_size + 1), dtype=torch.float32, device=device)
+        counts.scatter_add_(1, padded, is_output)
+        seen = torch.zeros((b, vocab_size + 1), dtype=torch.bool, device=device)
+        seen.scatter_(1, padded, True)
+
+        def col(values):
+            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+        return cls(
+            repetition=col([p.repetition_penalty for p in params]),
+            presence=col([p.presence_penalty for p in params]),
+            frequency=col([p.frequency_penalty for p in params]),
+            output_counts=counts[:, :vocab_size],
+            seen=seen[:, :vocab_size],
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        # Repetition (CTRL / HF): divide positive logits, multiply negative ones.
+        rep = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
+        logits = torch.where(self.seen, rep, logits)
+        # Presence / frequency (OpenAI): subtract per output occurrence.
+        logits = logits - self.frequency * self.output_counts
+        return logits - self.presence * (self.output_counts > 0).float()
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None  # of the sampled token, raw model distribution
+    top_ids: list[list[int]] | None
+    top_logprobs: list[list[float]] | None
+
+
+def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) tokens outside top-k, outside the top-p nucleus, or below min_p x p_max."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep a token while the mass before it is below top_p (the first always survives).
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> SamplerOutput:
+    """logits: [B, V] fp32 for the rows that sample this step."""
+    raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
+    if batch.penalties is not None:
+        logits = batch.penalties.apply(logits)
+    greedy_ids = logits.argmax(dim=-1)
+    if batch.all_greedy:
+        ids = greedy_ids
+    else:
+        temp = torch.where(batch.temperature > 0, batch.temperature, torch.ones_like(batch.temperature))
+        scaled = logits / temp[:, None]
+        if batch.needs_truncation:
+            scaled = truncate(scaled, batch.top_k, batch.top_p, batch.min_p)
+        probs = scaled.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        for i, g in enumerate(batch.generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        drawn = (probs / noise).argmax(dim=-1)
+        ids = torch.where(batch.temperature > 0, drawn, greedy_ids)
+
+    out = SamplerOutput(ids.tolist(), None, None, None)
+    if raw_logprobs is not None:
+        chosen = raw_logprobs.gather(1, ids[:, None])[:, 0]
+        k = max(batch.max_logprobs, 1)
+        top = raw_logprobs.topk(k, dim=-1)
+        # One transfer for all logprob data.
+        packed = torch.cat([chosen[:, None], top.values, top.indices.float()], dim=1).tolist()
+        out.logprobs = [row[0] for row in packed]
+        out.top_logprobs = [row[1 : 1 + k] for row in packed]
+        out.top_ids = [[int(x) for x in row[1 + k :]] for row in packed]
+    return out

@@ -1,0 +1,144 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step the scheduler spends a token budget (`max_num_batched_tokens`):
+running decodes first (one token each, so a long prompt never stalls them), then
+the running prompts that are part-way through prefill, then new requests from the
+waiting queue, each prompt cut into chunks that fit what is left of the budget.
+When the KV pool runs out, the most recently arrived running request is preempted:
+its blocks are freed and it goes back to the front of the queue to be recomputed
+later. Requests join and leave the batch at every step.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from membound.engine.kv_cache import BlockAllocator, blocks_needed
+from membound.engine.request import Request, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last pending token, so it gets logits."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]  # single-token entries first
+    num_decodes: int
+    preempted: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config = config
+        self.allocator = allocator
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Take a finished or aborted request out and free its KV blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._free_blocks(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: dict[str, ScheduledRequest] = {}
+        preempted: list[Request] = []
+
+        # Decodes first, then prompts already part-way through prefill.
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for req in order:
+            if budget == 0:
+                break
+            if req.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self._grow(req, req.num_computed_tokens + n):
+                victim = self._pick_victim(exclude=scheduled)
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is Status.RUNNING:
+                scheduled[req.request_id] = ScheduledRequest(req, n)
+                budget -= n
+
+        # New requests, unless memory was just short (they would only be preempted again).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            remaining = req.num_tokens - req.num_computed_tokens
+            n = min(remaining, budget)
+            if n < remaining and not self.config.enable_chunked_prefill:
+                break
+            if not self._grow(req, req.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            scheduled[req.request_id] = ScheduledRequest(req, n)
+            budget -= n
+
+        items = sorted(scheduled.values(), key=lambda s: s.num_new_tokens > 1)
+        num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
+        return SchedulerOutput(items, num_decodes, preempted)
+
+    def _grow(self, req: Request, num_tokens: int) -> bool:
+        """Make sure `req` owns blocks for `num_tokens` tokens; False if the pool is short."""
+        need = blocks_needed(num_tokens, self.config.block_size) - len(req.block_ids)
+        if need <= 0:
+            return True
+        if need > self.allocator.num_free:
+            return False
+        req.block_ids.extend(self.allocator.allocate(need))
+        return True
+
+    def _pick_victim(self, exclude: dict[str, ScheduledRequest]) -> Request:
+        # The newest running request not yet scheduled this step loses its blocks.
+        for req in reversed(self.running):
+            if req.request_id not in exclude:
+                return req
+        raise RuntimeError("no request left to preempt")  # the pool holds max_model_len, so unreachable
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self._free_blocks(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _free_blocks(self, req: Request) -> None:
+        if req.block_ids:
+            self.allocator.free(req.block_ids)
+            req.block_ids = []

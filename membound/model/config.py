@@ -1,0 +1,180 @@
+"""The model's shape, read from a HF config.json or GGUF metadata and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from membound.errors import ConfigError, ModelLoadError
+
+# HF `architectures` names this decoder implements, and what each turns on.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs to know about a Llama-family model."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: bias on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
+    sliding_window: int | None = None  # Mistral v0.1
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"unknown architecture {self.architecture!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelLoadError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"model config: num_heads ({self.num_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ModelLoadError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(
+                f"rope scaling type {rope_type!r} is not supported; supported: "
+                + ", ".join(SUPPORTED_ROPE_TYPES)
+            )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Per-token KV bytes per unit of element size (multiply by dtype bytes)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        if self.attention_bias:
+            per_layer += q + 2 * kv
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        embed = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embed + h
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
+        """Build from a HF `config.json` dict, naming the supported set on failure."""
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"unknown architecture {archs or cfg.get('model_type')!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        try:
+            num_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            head_dim = cfg.get("head_dim") or hidden // num_heads
+            family = SUPPORTED_ARCHITECTURES[arch]
+            if family == "qwen2" and cfg.get("use_sliding_window"):
+                raise ModelLoadError("Qwen2 with use_sliding_window=true is not supported")
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            rope_scaling = cfg.get("rope_scaling")
+            rope_theta = cfg.get("rope_theta")
+            # transformers 5 folds rope settings into `rope_parameters`.
+            params = cfg.get("rope_parameters")
+            if isinstance(params, dict):
+                rope_theta = rope_theta or params.get("rope_theta")
+                if params.get("rope_type", "default") != "default":
+                    rope_scaling = rope_scaling or params
+            if rope_scaling is not None:
+                rope_scaling = dict(rope_scaling)
+                rope_scaling.setdefault("rope_type", rope_scaling.get("type", "default"))
+            return cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=int(head_dim),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope_theta or 10000.0),
+                rope_scaling=rope_scaling,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+                qk_norm=family == "qwen3",
+                sliding_window=cfg.get("sliding_window") if family == "mistral" else None,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json is missing the required field {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ConfigError | ModelLoadError):
+                raise
+            raise ModelLoadError(f"config.json has a malformed value: {e}") from e
+
+
+def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse frequencies (fp32) of the rotary embedding, with Llama 3 / linear scaling.
+
+    Computed in fp32 torch the way HF does, so positions rotate identically.
+    `freq_factors` are llama.cpp's per-dimension divisors (GGUF `rope_freqs`), which
+    encode the same Llama 3 scaling numerically.
+    """
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if freq_factors is not None:
+        return inv / freq_factors.float()
+    rs = config.rope_scaling or {}
+    kind = rs.get("rope_type", "default")
+    if kind == "linear":
+        return inv / float(rs["factor"])
+    if kind == "llama3":
+        factor = float(rs["factor"])
+        low = float(rs.get("low_freq_factor", 1.0))
+        high = float(rs.get("high_freq_factor", 4.0))
+        old_len = float(rs.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv

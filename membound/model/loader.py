@@ -1,0 +1,261 @@
+"""Load a model from a HF safetensors folder, a GGUF file, or random (dummy) weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from membound.attention.base import AttentionBackend
+from membound.errors import ModelLoadError
+from membound.model.config import ModelConfig, rope_inv_freq
+from membound.model.llama import LlamaForCausalLM, RotaryEmbedding
+from membound.model.registry import PRESETS, default_model_path, get_preset
+
+log = logging.getLogger(__name__)
+
+_GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+# llama.cpp tensor names -> HF names (per layer, after "blk.N.").
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """What `--model` resolved to."""
+
+    kind: str  # "gguf", "hf" or "dummy"
+    path: str | None  # file or folder; None for a named dummy preset
+    name: str  # shown in logs and as the served model name
+
+
+def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
+    """Turn `--model` (None = the embedded default) into a ModelSource."""
+    if load_format not in ("auto", "dummy"):
+        raise ModelLoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    if model is None:
+        model = default_model_path()
+    if load_format == "dummy" and model.lower() in PRESETS:
+        return ModelSource("dummy", None, model.lower())
+    p = pathlib.Path(model).expanduser()
+    if p.is_file():
+        if p.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{p} is a file but not a .gguf; pass a GGUF file or a HF model folder")
+        return ModelSource("dummy" if load_format == "dummy" else "gguf", str(p), p.stem)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} has no config.json; a HF model folder needs config.json and *.safetensors")
+        return ModelSource("dummy" if load_format == "dummy" else "hf", str(p), p.name)
+    hint = f" or a preset with load_format='dummy' ({', '.join(PRESETS)})"
+    raise ModelLoadError(f"model {model!r} not found: pass a GGUF file, a HF model folder{hint}")
+
+
+# ---------------------------------------------------------------- HF folders
+
+
+def hf_config(path: str) -> ModelConfig:
+    try:
+        raw = json.loads((pathlib.Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {path}/config.json: {e}") from e
+    return ModelConfig.from_hf(raw)
+
+
+def hf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(pathlib.Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors files")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{f} is not a readable safetensors file: {e}") from e
+
+
+# ---------------------------------------------------------------- GGUF files
+
+
+class GGUFFile:
+    """Metadata and tensors of a GGUF file, read with the `gguf` package."""
+
+    def __init__(self, path: str) -> None:
+        from gguf import GGUFReader
+
+        try:
+            self.reader = GGUFReader(path)
+        except Exception as e:  # gguf raises bare ValueError/struct errors on corrupt files
+            raise ModelLoadError(f"{path} is not a valid GGUF file: {e}") from e
+        self.path = path
+        self.arch = str(self.field("general.architecture"))
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def config(self) -> ModelConfig:
+        a = self.arch
+        if a not in _GGUF_ARCH:
+            raise ModelLoadError(
+                f"unknown GGUF architecture {a!r}; supported: {', '.join(_GGUF_ARCH)}"
+            )
+        heads = int(self.field(f"{a}.attention.head_count"))
+        hidden = int(self.field(f"{a}.embedding_length"))
+        tokens = self.field("tokenizer.ggml.tokens")
+        vocab = self.field(f"{a}.vocab_size") or (len(tokens) if tokens else None)
+        scaling = None
+        if self.field(f"{a}.rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": float(self.field(f"{a}.rope.scaling.factor"))}
+        eos = self.field("tokenizer.ggml.eos_token_id")
+        try:
+            return ModelConfig(
+                architecture=_GGUF_ARCH[a],
+                vocab_size=int(vocab),
+                hidden_size=hidden,
+                intermediate_size=int(self.field(f"{a}.feed_forward_length")),
+                num_layers=int(self.field(f"{a}.block_count")),
+                num_heads=heads,
+                num_kv_heads=int(self.field(f"{a}.attention.head_count_kv", heads)),
+                head_dim=int(self.field(f"{a}.attention.key_length", hidden // heads)),
+                rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+                rope_theta=float(self.field(f"{a}.rope.freq_base", 10000.0)),
+                rope_scaling=scaling,
+                max_position_embeddings=int(self.field(f"{a}.context_length", 4096)),
+                tie_word_embeddings="output.weight" not in self.tensors,
+                attention_bias="blk.0.attn_q.bias" in self.tensors,
+                qk_norm="blk.0.attn_q_norm.weight" in self.tensors,
+                sliding_window=self.field(f"{a}.attention.sliding_window"),
+                bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+                eos_token_ids=() if eos is None else (int(eos),),
+            )
+        except TypeError as e:
+            raise ModelLoadError(f"{self.path}: GGUF metadata is incomplete: {e}") from e
+
+    def rope_freq_factors(self) -> torch.Tensor | None:
+        t = self.tensors.get("rope_freqs.weight")
+        return None if t is None else torch.from_numpy(np.array(t.data, dtype=np.float32))
+
+    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named fp32 tensors, dequantized, with q/k un-permuted for llama."""
+        from gguf.quants import dequantize
+
+        for t in tqdm(self.reader.tensors, desc="loading GGUF", unit="tensor", leave=False):
+            name = self._hf_name(t.name)
+            if name is None:
+                continue
+            arr = dequantize(t.data, t.tensor_type)
+            w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the file is mapped read-only
+            if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+                w = _unpermute_rope(w, heads)
+            yield name, w
+
+    def _hf_name(self, name: str) -> str | None:
+        stem, _, suffix = name.rpartition(".")
+        if stem == "rope_freqs":
+            return None  # applied through rope_freq_factors()
+        if stem.startswith("blk."):
+            _, idx, part = stem.split(".", 2)
+            if part not in _GGUF_LAYER_NAMES:
+                raise ModelLoadError(f"{self.path}: unexpected tensor {name}")
+            return f"layers.{idx}.{_GGUF_LAYER_NAMES[part]}.{suffix}"
+        if stem not in _GGUF_GLOBAL_NAMES:
+            raise ModelLoadError(f"{self.path}: unexpected tensor {name}")
+        hf = _GGUF_GLOBAL_NAMES[stem]
+        return f"{hf}.{suffix}" if hf == "lm_head" else f"model.{hf}.{suffix}"
+
+
+def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert-time reordering of q/k rows (interleaved rope -> halves).
+
+    llama.cpp stores each head's rows as pairs (x0, x_{d/2}), (x1, x_{d/2+1}), ...;
+    HF keeps the first half of the head's rows, then the second half.
+    """
+    out_dim = w.shape[0]
+    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# ---------------------------------------------------------------- building
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    source: ModelSource
+    weight_bytes: int
+
+
+def load_config(source: ModelSource) -> ModelConfig:
+    if source.kind == "dummy" and source.path is None:
+        return get_preset(source.name)
+    if source.path is not None and source.path.lower().endswith(".gguf"):
+        return GGUFFile(source.path).config()
+    return hf_config(source.path)
+
+
+def load_model(
+    source: ModelSource,
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    seed: int = 0,
+) -> LoadedModel:
+    gguf = GGUFFile(source.path) if source.path and source.path.lower().endswith(".gguf") else None
+    config = gguf.config() if gguf else load_config(source)
+    freq_factors = gguf.rope_freq_factors() if gguf and source.kind != "dummy" else None
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, max_positions, freq_factors).to(dtype)
+    model.to_empty(device=device)
+    # Buffers were created on meta: compute the rope tables on the real device.
+    with torch.device(device):
+        fresh = RotaryEmbedding(rope_inv_freq(config, freq_factors), max_positions)
+    model.rope.cos, model.rope.sin = fresh.cos, fresh.sin
+    if source.kind == "dummy":
+        _random_init(model, seed)
+    elif gguf is not None:
+        model.load_weights(gguf.weights(config))
+    else:
+        model.load_weights(_progress(hf_weights(source.path), source.path))
+    model.eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return LoadedModel(model, config, source, weight_bytes)
+
+
+def _random_init(model: LlamaForCausalLM, seed: int) -> None:
+    """Small random weights (norms at 1) so dummy runs produce finite, varied logits."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0.0, 0.02, generator=gen)
+
+
+def _progress(weights: Iterator[tuple[str, torch.Tensor]], path: str):
+    yield from tqdm(weights, desc=f"loading {pathlib.Path(path).name}", unit="tensor", leave=False)

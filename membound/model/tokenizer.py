@@ -1,0 +1,79 @@
+"""Tokenizer, chat template and incremental detokenization, via HF tokenizers/transformers."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+from membound.errors import InvalidRequestError, ModelLoadError
+
+
+class Tokenizer:
+    """A thin typed wrapper over a transformers tokenizer."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self.hf = hf_tokenizer
+        self.backend = hf_tokenizer.backend_tokenizer  # the Rust `tokenizers.Tokenizer`
+
+    @classmethod
+    def from_model_path(cls, path: str) -> Tokenizer:
+        """From a HF folder's tokenizer files, or from the vocab embedded in a GGUF."""
+        from transformers import AutoTokenizer
+
+        p = pathlib.Path(path)
+        try:
+            if p.is_file():
+                tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            else:
+                tok = AutoTokenizer.from_pretrained(str(p))
+        except Exception as e:  # transformers raises many types for missing/corrupt files
+            raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from e
+        if not getattr(tok, "is_fast", False):
+            raise ModelLoadError(f"{path}: only fast (HF tokenizers) tokenizers are supported")
+        return cls(tok)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise InvalidRequestError("messages must be a non-empty list of {role, content} objects")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidRequestError(f"messages[{i}] must have a string 'role' and a string 'content'")
+        if not self.hf.chat_template:
+            raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        # The template already holds any BOS it wants; don't let encode add another.
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
+        return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+
+class Detokenizer:
+    """Turns sampled ids into text piece by piece, never splitting a UTF-8 character.
+
+    The stream is primed with the prompt's tail so spacing rules that depend on the
+    previous token (e.g. SentencePiece's leading space) come out right.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> None:
+        self._tok = tokenizer.backend
+        self._stream = DecodeStream(ids=list(prompt_ids[-8:]), skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tok, token_id) or ""

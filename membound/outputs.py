@@ -1,0 +1,52 @@
+"""What the engine returns for a request."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    """The sampled token's logprob and the top alternatives, for one position."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # token id -> logprob, best first
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None  # "stop", "length", "abort" or None while running
+    stop_reason: int | str | None = None  # the stop string or token id that ended it
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state after a step. `outputs[0]` holds everything generated so far;
+    `delta_text` / `delta_token_ids` hold only what this step added (for streaming)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    delta_text: str = ""
+    delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    error: str | None = None

@@ -1,0 +1,99 @@
+"""Per-request sampling settings, validated when the request is made."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from membound.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop; names follow vLLM / OpenAI.
+
+    temperature 0 means greedy. top_k 0 or -1 disables top-k; top_p 1 and min_p 0
+    disable theirs. `logprobs=N` returns the sampled token's logprob and the top N
+    (0 = only the sampled token), computed from the model's raw distribution.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._check()
+
+    def _check(self) -> None:
+        def bad(name: str, allowed: str) -> InvalidRequestError:
+            return InvalidRequestError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+                raise bad(name, "a number")
+            return v
+
+        if not isinstance(self.n, int) or self.n != 1:
+            raise bad("n", "1 (several completions per request are not supported yet)")
+        if number("temperature") < 0 or self.temperature > 100:
+            raise bad("temperature", "in [0, 100] (0 = greedy)")
+        if not 0 < number("top_p") <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "an integer >= 1, or 0 / -1 to disable")
+        if not 0 <= number("min_p") <= 1:
+            raise bad("min_p", "in [0, 1]")
+        if not 0 < number("repetition_penalty") <= 10:
+            raise bad("repetition_penalty", "in (0, 10] (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                raise bad(name, "in [-2, 2]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "an integer or None")
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            raise bad("max_tokens", "an integer >= 1, or None for up to max_model_len")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of non-negative token ids")
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
