@@ -17,7 +17,7 @@ from membound.engine.model_runner import ModelRunner
 from membound.engine.request import Request, Status
 from membound.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from membound.errors import InvalidRequestError
-from membound.model.loader import load_config, load_model, resolve_model
+from membound.model.loader import load_config, load_model, open_gguf, resolve_model
 from membound.model.tokenizer import Tokenizer
 from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from membound.sampling_params import SamplingParams
@@ -43,7 +43,8 @@ class LLMEngine:
         source = resolve_model(config.model, config.load_format)
         t0 = time.perf_counter()
         self.backend = get_backend(config.attention_backend)
-        mc = load_config(source)
+        gguf = open_gguf(source)
+        mc = load_config(source, gguf)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             log.warning(
@@ -51,7 +52,7 @@ class LLMEngine:
                 self.max_model_len,
                 mc.max_position_embeddings,
             )
-        loaded = load_model(source, self.backend, self.dtype, self.device, self.max_model_len, config.seed)
+        loaded = load_model(source, self.backend, self.dtype, self.device, self.max_model_len, config.seed, gguf)
         self.model = loaded.model
         self.model_config = mc
         self.source = source

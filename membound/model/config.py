@@ -137,7 +137,9 @@ class ModelConfig:
                 rope_scaling=rope_scaling,
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", family == "qwen2")),
+                # Qwen2 always has q/k/v bias; its config leaves the field unset.
+                attention_bias=bool(cfg.get("attention_bias") if cfg.get("attention_bias") is not None
+                                    else family == "qwen2"),
                 qk_norm=family == "qwen3",
                 sliding_window=cfg.get("sliding_window") if family == "mistral" else None,
                 bos_token_id=cfg.get("bos_token_id"),

@@ -209,11 +209,15 @@ class LoadedModel:
     weight_bytes: int
 
 
-def load_config(source: ModelSource) -> ModelConfig:
+def open_gguf(source: ModelSource) -> GGUFFile | None:
+    return GGUFFile(source.path) if source.path and source.path.lower().endswith(".gguf") else None
+
+
+def load_config(source: ModelSource, gguf: GGUFFile | None = None) -> ModelConfig:
     if source.kind == "dummy" and source.path is None:
         return get_preset(source.name)
-    if source.path is not None and source.path.lower().endswith(".gguf"):
-        return GGUFFile(source.path).config()
+    if gguf is not None:
+        return gguf.config()
     return hf_config(source.path)
 
 
@@ -224,9 +228,11 @@ def load_model(
     device: torch.device,
     max_positions: int,
     seed: int = 0,
+    gguf: GGUFFile | None = None,
 ) -> LoadedModel:
-    gguf = GGUFFile(source.path) if source.path and source.path.lower().endswith(".gguf") else None
-    config = gguf.config() if gguf else load_config(source)
+    """Build the model on `device` in `dtype`; pass `gguf` if the file is already open."""
+    gguf = gguf or open_gguf(source)
+    config = load_config(source, gguf)
     freq_factors = gguf.rope_freq_factors() if gguf and source.kind != "dummy" else None
     with torch.device("meta"):
         model = LlamaForCausalLM(config, backend, max_positions, freq_factors).to(dtype)

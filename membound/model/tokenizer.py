@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import pathlib
+import shutil
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
@@ -25,7 +28,7 @@ class Tokenizer:
         p = pathlib.Path(path)
         try:
             if p.is_file():
-                tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+                tok = _gguf_tokenizer(p)
             else:
                 tok = AutoTokenizer.from_pretrained(str(p))
         except Exception as e:  # transformers raises many types for missing/corrupt files
@@ -62,6 +65,32 @@ class Tokenizer:
 
     def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
         return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+
+def tokenizer_cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("MEMBOUND_CACHE", pathlib.Path.home() / ".cache" / "membound"))
+
+
+def _gguf_tokenizer(path: pathlib.Path):
+    """Build the tokenizer from a GGUF's vocab, cached: converting takes seconds, loading the cache does not."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache = tokenizer_cache_dir() / "tokenizers" / key
+    if (cache / "tokenizer.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # a damaged cache entry is rebuilt below
+            pass
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
+        tok.save_pretrained(str(tmp))
+        tmp.replace(cache) if not cache.exists() else shutil.rmtree(tmp)
+    except OSError:
+        pass  # a read-only home only costs the conversion next time
+    return tok
 
 
 class Detokenizer:

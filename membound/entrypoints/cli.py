@@ -1,0 +1,178 @@
+"""The `membound` command: generate and chat on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Iterator
+
+from membound.config import EngineConfig
+from membound.engine.llm_engine import LLMEngine
+from membound.errors import MemboundError
+from membound.sampling_params import SamplingParams
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="GGUF file, HF model folder, or preset (with --load-format dummy); "
+                   "default: the embedded SmolLM2-135M-Instruct Q4_1")
+    g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on CUDA)")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in MiB (CPU default 2048)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
+    g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sample-seed", type=int, default=None, help="per-request seed")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _engine(a: argparse.Namespace) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(
+            model=a.model,
+            dtype=a.dtype,
+            device=a.device,
+            max_model_len=a.max_model_len,
+            max_num_seqs=a.max_num_seqs,
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            gpu_memory_utilization=a.gpu_memory_utilization,
+            kv_cache_memory_bytes=None if a.kv_cache_memory is None else a.kv_cache_memory << 20,
+            load_format=a.load_format,
+            seed=a.seed,
+        )
+    )
+
+
+def _params(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.sample_seed,
+        stop=a.stop,
+        ignore_eos=a.ignore_eos,
+    )
+
+
+def stream(engine: LLMEngine, request_id: str, prompt, params: SamplingParams) -> Iterator[str]:
+    """Yield text pieces of one request as the engine produces them."""
+    engine.add_request(request_id, prompt, params)
+    try:
+        while True:
+            for out in engine.step():
+                if out.request_id == request_id:
+                    if out.delta_text:
+                        yield out.delta_text
+                    if out.finished:
+                        return
+    finally:
+        engine.abort_request(request_id)  # no-op when finished; frees blocks on Ctrl-C
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    engine = _engine(a)
+    params = _params(a)
+    prompt = a.prompt
+    if a.chat_template:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}])
+    else:
+        print(a.prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    n = 0
+    for piece in stream(engine, "cli-0", prompt, params):
+        print(piece, end="", flush=True)
+        n += 1
+    dt = time.perf_counter() - t0
+    print()
+    print(f"[{dt:.2f}s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    engine = _engine(a)
+    params = _params(a)
+    messages: list[dict[str, str]] = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    print("membound chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = engine.tokenizer.apply_chat_template(messages)
+        reply = []
+        try:
+            for piece in stream(engine, f"chat-{turn}", ids, params):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            pass
+        print()
+        turn += 1
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="membound", description="LLM inference for one GPU, built on memory bandwidth")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete one prompt, streaming the output")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--chat-template", action="store_true", help="wrap the prompt in the model's chat template")
+    _engine_args(g)
+    _sampling_args(g, max_tokens=64)
+    g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("chat", help="an interactive chat that streams replies")
+    c.add_argument("--system", default=None, help="system prompt")
+    _engine_args(c)
+    _sampling_args(c, max_tokens=512)
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except MemboundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

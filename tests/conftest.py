@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random HF checkpoints and the embedded SmolLM2 engine."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from membound import LLM
+from membound.attention.base import AttentionMetadata
+from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_needed
+from membound.engine.llm_engine import LLMEngine
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.2,  # peaked logits, so greedy choices are not near-ties
+)
+
+
+def tiny_hf_config(family: str, **overrides):
+    """A small transformers config of one model family."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    kw = {**TINY, **overrides}
+    if family == "qwen3":
+        kw.setdefault("head_dim", 32)  # Qwen3 decouples head_dim from hidden/heads
+    return cls(**kw)
+
+
+def save_tiny_hf_model(path: pathlib.Path, family: str, seed: int = 0, **overrides):
+    """Save a randomly initialized HF model as a safetensors folder; returns the HF model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides), attn_implementation="eager")
+    model = model.float().eval()
+    model.save_pretrained(path, safe_serialization=True)
+    return model
+
+
+def write_tiny_config(path: pathlib.Path, **overrides) -> pathlib.Path:
+    """A config.json alone, for load_format="dummy" engines in scheduler tests."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 128,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        **overrides,
+    }
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+@torch.inference_mode()
+def full_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
+    """Logits at every position of one sequence, through membound's model and paged attention."""
+    n = len(ids)
+    bs = engine.config.block_size
+    nb = blocks_needed(n, bs)
+    spec = KVCacheSpec(engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs,
+                       engine.dtype)
+    caches = allocate_kv_cache(spec, nb + 3, engine.device)
+    # A scrambled block table, so the test covers non-contiguous blocks.
+    table = list(reversed(range(3, nb + 3)))
+    slots = [table[p // bs] * bs + p % bs for p in range(n)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([table], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        num_decodes=0,
+        seq_lens_host=(n,),
+        query_start_loc_host=(0, n),
+    )
+    hidden = engine.model(torch.tensor(ids), torch.arange(n), caches, meta)
+    return engine.model.compute_logits(hidden)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LLM:
+    """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), loaded once."""
+    return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20)
