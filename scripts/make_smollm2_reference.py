@@ -5,6 +5,7 @@ which makes it an independent reference for membound's GGUF loader and model.
 Loading the GGUF through transformers takes about a minute, so the numbers are
 stored in tests/data/ and this script is only rerun when the test prompt changes.
 
+    pip install accelerate  # transformers needs it to load GGUF models
     python scripts/make_smollm2_reference.py
 """
 
@@ -24,16 +25,12 @@ GREEDY_STEPS = 16
 def main() -> None:
     path = pathlib.Path(default_model_path())
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, torch_dtype=torch.float32
-    )
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=torch.float32)
     model.eval()
     ids = tok.encode(PROMPT)
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0]
-        out = model.generate(
-            torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, do_sample=False
-        )
+        out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_STEPS, do_sample=False)
     last = logits[-1]
     top = torch.topk(last, TOP_K)
     ref = {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_need
 from membound.engine.llm_engine import LLMEngine
 
 DATA = pathlib.Path(__file__).parent / "data"
+
+# Tests start from a cold cache (the GGUF tokenizer conversion runs once per session).
+os.environ["MEMBOUND_CACHE"] = tempfile.mkdtemp(prefix="membound-test-cache-")
 
 TINY = dict(
     vocab_size=256,
@@ -74,8 +79,9 @@ def full_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     n = len(ids)
     bs = engine.config.block_size
     nb = blocks_needed(n, bs)
-    spec = KVCacheSpec(engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs,
-                       engine.dtype)
+    spec = KVCacheSpec(
+        engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs, engine.dtype
+    )
     caches = allocate_kv_cache(spec, nb + 3, engine.device)
     # A scrambled block table, so the test covers non-contiguous blocks.
     table = list(reversed(range(3, nb + 3)))

@@ -24,8 +24,16 @@ CASES = {
     "mistral-sliding-window": ("mistral", {"sliding_window": 24}),
     "qwen2-qkv-bias": ("qwen2", {"num_key_value_heads": 1}),
     "qwen3-qk-norm": ("qwen3", {"tie_word_embeddings": True}),
-    "smollm2-shape": ("llama", {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96,
-                                "tie_word_embeddings": True, "rope_theta": 100000.0}),
+    "smollm2-shape": (
+        "llama",
+        {
+            "num_attention_heads": 6,
+            "num_key_value_heads": 2,
+            "hidden_size": 96,
+            "tie_word_embeddings": True,
+            "rope_theta": 100000.0,
+        },
+    ),
 }
 
 DECODE_STEPS = 32
@@ -67,9 +75,12 @@ def test_greedy_decode_matches_hf(pair):
     prompt = torch.randint(0, 256, (13,), generator=torch.Generator().manual_seed(2)).tolist()
     with torch.no_grad():
         ref = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS,
-            do_sample=False, pad_token_id=0,
-        )[0, len(prompt):].tolist()
+            torch.tensor([prompt]),
+            max_new_tokens=DECODE_STEPS,
+            min_new_tokens=DECODE_STEPS,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=DECODE_STEPS, ignore_eos=True, logprobs=3))
     comp = out[0].outputs[0]
     assert comp.token_ids == ref

@@ -17,8 +17,9 @@ NEG = float("-inf")
 def batch(params: list[SamplingParams], vocab: int, token_ids=None, prompt_lens=None, generators=None):
     token_ids = token_ids or [[0]] * len(params)
     prompt_lens = prompt_lens or [len(t) for t in token_ids]
-    return SamplingBatch.build(params, generators or [None] * len(params), token_ids, prompt_lens, vocab,
-                               torch.device("cpu"))
+    return SamplingBatch.build(
+        params, generators or [None] * len(params), token_ids, prompt_lens, vocab, torch.device("cpu")
+    )
 
 
 def test_top_k_keeps_the_k_largest():
@@ -111,6 +112,5 @@ def test_same_seed_same_output_in_any_batch(tiny_llm):
     assert mixed[1].outputs[0].token_ids == alone
     again = tiny_llm.generate([5, 6, 7], p)[0].outputs[0].token_ids
     assert again == alone
-    different = tiny_llm.generate([5, 6, 7], SamplingParams(temperature=1.0, seed=1, max_tokens=24,
-                                                            ignore_eos=True))
+    different = tiny_llm.generate([5, 6, 7], SamplingParams(temperature=1.0, seed=1, max_tokens=24, ignore_eos=True))
     assert different[0].outputs[0].token_ids != alone

@@ -16,8 +16,14 @@ KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 8 * 4  # layers x (K,V) x kv_heads x head_dim x
 
 def make_llm(tmp_path, blocks: int, **kw) -> LLM:
     path = write_tiny_config(tmp_path / "cfg")
-    return LLM(str(path), load_format="dummy", skip_tokenizer_init=True, max_model_len=128,
-               kv_cache_memory_bytes=blocks * BLOCK * KV_BYTES_PER_TOKEN, **kw)
+    return LLM(
+        str(path),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=128,
+        kv_cache_memory_bytes=blocks * BLOCK * KV_BYTES_PER_TOKEN,
+        **kw,
+    )
 
 
 def test_allocator_refuses_double_free_and_overcommit():
@@ -91,8 +97,9 @@ def test_random_mix_of_finish_abort_and_preemption_never_leaks(tmp_path, ops):
     added = 0
     for op, a, b in ops:
         if op == "add":
-            eng.add_request(f"r{added}", [(added + i) % 100 + 1 for i in range(a)],
-                            SamplingParams(max_tokens=b, ignore_eos=True))
+            eng.add_request(
+                f"r{added}", [(added + i) % 100 + 1 for i in range(a)], SamplingParams(max_tokens=b, ignore_eos=True)
+            )
             added += 1
         elif op == "abort" and added:
             eng.abort_request(f"r{a % added}")

@@ -29,13 +29,9 @@ def test_tokenizer_from_gguf_matches_reference(smollm2):
 def test_logits_match_transformers(smollm2):
     logits = full_logits(smollm2.engine, REF["prompt_token_ids"])
     assert logits.argmax(-1).tolist() == REF["argmax_per_position"]
-    torch.testing.assert_close(
-        logits.max(-1).values, torch.tensor(REF["max_logit_per_position"]), atol=2e-3, rtol=1e-4
-    )
+    torch.testing.assert_close(logits.max(-1).values, torch.tensor(REF["max_logit_per_position"]), atol=2e-3, rtol=1e-4)
     last = logits[-1]
-    torch.testing.assert_close(
-        last[REF["last_top_ids"]], torch.tensor(REF["last_top_logits"]), atol=2e-3, rtol=1e-4
-    )
+    torch.testing.assert_close(last[REF["last_top_ids"]], torch.tensor(REF["last_top_logits"]), atol=2e-3, rtol=1e-4)
     assert last.topk(5).indices.tolist() == REF["last_top_ids"][:5]
 
 

@@ -14,7 +14,7 @@ from membound.config import EngineConfig
 from membound.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache, blocks_needed
 from membound.engine.memory import MemoryPlan, plan_memory
 from membound.engine.model_runner import ModelRunner
-from membound.engine.request import Request, Status
+from membound.engine.request import Request
 from membound.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from membound.errors import InvalidRequestError
 from membound.model.loader import load_config, load_model, open_gguf, resolve_model

@@ -16,9 +16,15 @@ from membound.sampling_params import SamplingParams
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="GGUF file, HF model folder, or preset (with --load-format dummy); "
-                   "default: the embedded SmolLM2-135M-Instruct Q4_1")
-    g.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on CUDA)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="GGUF file, HF model folder, or preset (with --load-format dummy); "
+        "default: the embedded SmolLM2-135M-Instruct Q4_1",
+    )
+    g.add_argument(
+        "--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on CUDA)"
+    )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
@@ -143,7 +149,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="membound", description="LLM inference for one GPU, built on memory bandwidth")
+    parser = argparse.ArgumentParser(
+        prog="membound", description="LLM inference for one GPU, built on memory bandwidth"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="complete one prompt, streaming the output")

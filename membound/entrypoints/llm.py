@@ -89,4 +89,3 @@ class LLM:
                         final[out.request_id] = out
                         bar.update(1)
         return [final[rid] for rid in ids]
-

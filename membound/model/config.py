@@ -46,8 +46,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(
-                f"unknown architecture {self.architecture!r}; supported: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
+                f"unknown architecture {self.architecture!r}; supported: " + ", ".join(SUPPORTED_ARCHITECTURES)
             )
         for name in (
             "vocab_size",
@@ -64,16 +63,14 @@ class ModelConfig:
                 raise ModelLoadError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
-                f"model config: num_heads ({self.num_heads}) must be a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
+                f"model config: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         if self.head_dim % 2:
             raise ModelLoadError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ModelLoadError(
-                f"rope scaling type {rope_type!r} is not supported; supported: "
-                + ", ".join(SUPPORTED_ROPE_TYPES)
+                f"rope scaling type {rope_type!r} is not supported; supported: " + ", ".join(SUPPORTED_ROPE_TYPES)
             )
 
     @property
@@ -138,8 +135,9 @@ class ModelConfig:
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 # Qwen2 always has q/k/v bias; its config leaves the field unset.
-                attention_bias=bool(cfg.get("attention_bias") if cfg.get("attention_bias") is not None
-                                    else family == "qwen2"),
+                attention_bias=bool(
+                    cfg.get("attention_bias") if cfg.get("attention_bias") is not None else family == "qwen2"
+                ),
                 qk_norm=family == "qwen3",
                 sliding_window=cfg.get("sliding_window") if family == "mistral" else None,
                 bos_token_id=cfg.get("bos_token_id"),

@@ -193,6 +193,4 @@ class LlamaForCausalLM(nn.Module):
                 expected.add(f"{pname}#None")
         missing = sorted(expected - filled)
         if missing:
-            raise ModelLoadError(
-                f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0].split('#')[0]}"
-            )
+            raise ModelLoadError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0].split('#')[0]}")

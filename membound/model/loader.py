@@ -119,9 +119,7 @@ class GGUFFile:
     def config(self) -> ModelConfig:
         a = self.arch
         if a not in _GGUF_ARCH:
-            raise ModelLoadError(
-                f"unknown GGUF architecture {a!r}; supported: {', '.join(_GGUF_ARCH)}"
-            )
+            raise ModelLoadError(f"unknown GGUF architecture {a!r}; supported: {', '.join(_GGUF_ARCH)}")
         heads = int(self.field(f"{a}.attention.head_count"))
         hidden = int(self.field(f"{a}.embedding_length"))
         tokens = self.field("tokenizer.ggml.tokens")
