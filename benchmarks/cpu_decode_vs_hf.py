@@ -71,8 +71,9 @@ def time_membound(llm: LLM, prompts: list[list[int]], n: int) -> float:
 def time_hf(hf, prompts: list[list[int]], n: int) -> float:
     ids = torch.tensor(prompts)
     t = time.perf_counter()
-    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                      do_sample=False, pad_token_id=0)
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     dt = time.perf_counter() - t
     assert out.shape[1] == ids.shape[1] + n
     return dt
@@ -112,8 +113,10 @@ def main() -> None:
         ours = decode_rate(lambda p, n: time_membound(llm, p, n), prompts, a.new_tokens, a.repeats)
         theirs = decode_rate(lambda p, n: time_hf(hf, p, n), prompts, a.new_tokens, a.repeats)
         rows.append({"concurrency": b, "membound_tok_s": ours, "hf_tok_s": theirs, "ratio": ours / theirs})
-        print(f"concurrency {b:3d}: membound {ours:8.1f} tok/s   HF generate {theirs:8.1f} tok/s   "
-              f"ratio {ours / theirs:.2f}x")
+        print(
+            f"concurrency {b:3d}: membound {ours:8.1f} tok/s   HF generate {theirs:8.1f} tok/s   "
+            f"ratio {ours / theirs:.2f}x"
+        )
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = {

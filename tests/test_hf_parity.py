@@ -91,3 +91,19 @@ def test_greedy_decode_matches_hf(pair):
     got = torch.tensor([lp.logprob for lp in comp.logprobs])
     want = ref_lp.gather(1, torch.tensor(ref)[:, None])[:, 0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_stays_close_to_fp32(tmp_path, dtype):
+    hf = save_tiny_hf_model(tmp_path, "llama")
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, dtype=dtype, kv_cache_memory_bytes=4 << 20)
+    assert llm.engine.kv_spec.dtype == getattr(torch, dtype)
+    assert next(llm.engine.model.parameters()).dtype == getattr(torch, dtype)
+    ids = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    ours = full_logits(llm.engine, ids)
+    torch.testing.assert_close(ours, ref, atol=0.15, rtol=0.05)
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))
+    assert all(torch.isfinite(torch.tensor(lp.logprob)) for lp in out[0].outputs[0].logprobs)
