@@ -49,6 +49,12 @@ class EngineConfig:
             positive("max_model_len")
         if self.kv_cache_memory_bytes is not None:
             positive("kv_cache_memory_bytes")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Otherwise decodes past the budget would wait behind the same others every step.
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}) so every running sequence can decode each step"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)

@@ -48,7 +48,7 @@ def test_prompts_are_mixed_length(smollm2):
 
 
 def test_batch_of_16_with_small_prefill_chunks(alone):
-    llm = LLM(max_model_len=512, kv_cache_memory_bytes=64 << 20, max_num_batched_tokens=16)
+    llm = LLM(max_model_len=512, kv_cache_memory_bytes=64 << 20, max_num_batched_tokens=16, max_num_seqs=16)
     outs = llm.generate(prompts(), PARAMS)
     assert [o.outputs[0].token_ids for o in outs] == alone
     assert_no_leaks(llm)
@@ -57,7 +57,7 @@ def test_batch_of_16_with_small_prefill_chunks(alone):
 def test_batch_of_16_with_preemption(alone):
     # 20 blocks of 16 tokens: the 16 prompts need about 1,100 tokens of KV at once.
     pool = 20 * 16 * 30 * 2 * 3 * 64 * 4
-    llm = LLM(max_model_len=256, kv_cache_memory_bytes=pool, max_num_batched_tokens=64)
+    llm = LLM(max_model_len=256, kv_cache_memory_bytes=pool, max_num_batched_tokens=64, max_num_seqs=16)
     assert llm.engine.stats().num_total_blocks == 20
     outs = llm.generate(prompts(), PARAMS)
     assert llm.engine.stats().num_preemptions > 0

@@ -130,6 +130,7 @@ def test_checkpoint_with_wrong_shapes(tmp_path):
         ({"dtype": "int3"}, "dtype must be auto, float32, float16, bfloat16"),
         ({"device": "tpu"}, "device must be auto, cpu, cuda"),
         ({"load_format": "pickle"}, "load_format must be auto or dummy"),
+        ({"max_num_batched_tokens": 8, "max_num_seqs": 16}, r"max_num_batched_tokens \(8\) must be at least"),
     ],
 )
 def test_invalid_engine_config(tmp_path, kwargs, message):
@@ -140,3 +141,19 @@ def test_invalid_engine_config(tmp_path, kwargs, message):
 def test_kv_budget_too_small_for_one_sequence(tmp_path):
     with pytest.raises(ConfigError, match="needs more; lower max_model_len"):
         LLM(str(write_tiny_config(tmp_path)), load_format="dummy", skip_tokenizer_init=True, kv_cache_memory_bytes=1024)
+
+
+def test_prompt_over_the_budget_without_chunked_prefill(tmp_path):
+    llm = LLM(
+        str(write_tiny_config(tmp_path)),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        kv_cache_memory_bytes=1 << 20,
+        max_model_len=128,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=32,
+        max_num_seqs=4,
+    )
+    with pytest.raises(InvalidRequestError, match="40 tokens but max_num_batched_tokens is 32"):
+        llm.generate([1] * 40)
+    assert len(llm.generate([1] * 30, SamplingParams(max_tokens=3))[0].outputs[0].token_ids) == 3

@@ -146,6 +146,12 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "
                 "it must be shorter to leave room for at least one generated token"
             )
+        budget = self.config.max_num_batched_tokens
+        if not self.config.enable_chunked_prefill and len(ids) > budget:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but max_num_batched_tokens is {budget} "
+                "and chunked prefill is off; shorten the prompt or enable chunked prefill"
+            )
         if params.max_tokens is not None and params.min_tokens > self.max_model_len - len(ids):
             raise InvalidRequestError(
                 f"min_tokens={params.min_tokens} cannot fit: the prompt has {len(ids)} tokens "
