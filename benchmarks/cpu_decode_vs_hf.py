@@ -79,20 +79,22 @@ def time_hf(hf, prompts: list[list[int]], n: int) -> float:
     return dt
 
 
-def decode_rate(timer, prompts, n: int, repeats: int) -> float:
-    rates = []
+def decode_rates(timers: dict, prompts, n: int, repeats: int) -> dict[str, float]:
+    """Median decode rate per engine; engines alternate within each repeat so drift hits both."""
+    rates: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(repeats):
-        t1 = timer(prompts, 1)
-        tn = timer(prompts, n)
-        rates.append(len(prompts) * (n - 1) / (tn - t1))
-    return statistics.median(rates)
+        for name, timer in timers.items():
+            t1 = timer(prompts, 1)
+            tn = timer(prompts, n)
+            rates[name].append(len(prompts) * (n - 1) / (tn - t1))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     a = ap.parse_args()
 
@@ -110,8 +112,9 @@ def main() -> None:
     rows = []
     for b in a.batches:
         prompts = [base[i : i + a.prompt_len] for i in range(b)]  # distinct prompts of equal length
-        ours = decode_rate(lambda p, n: time_membound(llm, p, n), prompts, a.new_tokens, a.repeats)
-        theirs = decode_rate(lambda p, n: time_hf(hf, p, n), prompts, a.new_tokens, a.repeats)
+        timers = {"membound": lambda p, n: time_membound(llm, p, n), "hf": lambda p, n: time_hf(hf, p, n)}
+        got = decode_rates(timers, prompts, a.new_tokens, a.repeats)
+        ours, theirs = got["membound"], got["hf"]
         rows.append({"concurrency": b, "membound_tok_s": ours, "hf_tok_s": theirs, "ratio": ours / theirs})
         print(
             f"concurrency {b:3d}: membound {ours:8.1f} tok/s   HF generate {theirs:8.1f} tok/s   "
