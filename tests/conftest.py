@@ -103,3 +103,13 @@ def full_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
 def smollm2() -> LLM:
     """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), loaded once."""
     return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where torch sees a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -31,8 +31,8 @@ def test_paged_prefill_chunks_and_decodes_match_dense(groups, window):
     kvh, d, bs, nblocks = 2, 16, 4, 64
     h = kvh * groups
     lens = [1, 3, 4, 5, 17, 30]
-    k_cache = torch.randn(nblocks, bs, kvh, d, generator=g)  # stale garbage must be ignored
-    v_cache = torch.randn(nblocks, bs, kvh, d, generator=g)
+    k_cache = torch.randn(kvh, nblocks, bs, d, generator=g)  # stale garbage must be ignored
+    v_cache = torch.randn(kvh, nblocks, bs, d, generator=g)
     perm = torch.randperm(nblocks, generator=g).tolist()
     tables, seqs = [], []
     for n in lens:

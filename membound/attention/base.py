@@ -42,8 +42,8 @@ class AttentionBackend(Protocol):
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, KVH, D]
         v: torch.Tensor,  # [T, KVH, D]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
-        v_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D]
+        v_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D]
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,

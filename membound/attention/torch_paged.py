@@ -15,10 +15,10 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Scatter each new token's K/V into its slot of the paged cache."""
-    kvh, d = k_cache.shape[-2:]
-    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Scatter each new token's K/V ([T, KVH, D]) into its slot of the paged cache."""
+    kvh, _, _, d = k_cache.shape
+    k_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def decode_attention(
@@ -32,23 +32,22 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence over its whole cached context, batched."""
     b, h, d = q.shape
-    kvh = k_cache.shape[-2]
-    block_size = k_cache.shape[1]
+    kvh, _, block_size, _ = k_cache.shape
     max_len = block_tables.shape[1] * block_size
-    # Gather every sequence's blocks: [B, L, KVH, D]. Query heads are grouped by
-    # the KV head they share so K/V are never repeated (GQA).
-    keys = k_cache[block_tables].reshape(b, max_len, kvh, d).float()
-    values = v_cache[block_tables].reshape(b, max_len, kvh, d).float()
-    qg = q.float().reshape(b, kvh, h // kvh, d)
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, keys) * scale
+    # Gather every sequence's blocks head-major, [KVH * B, L, D], so both products are plain
+    # batched matmuls with no layout copies, and query heads sharing a KV head go together (GQA).
+    keys = k_cache[:, block_tables].reshape(kvh * b, max_len, d)
+    values = v_cache[:, block_tables].reshape(kvh * b, max_len, d)
+    qg = q.reshape(b, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * b, h // kvh, d)
+    scores = torch.bmm(qg.float(), keys.float().transpose(1, 2)) * scale  # [KVH * B, G, L]
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < seq_lens[:, None]
     if sliding_window is not None:
         valid &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
-    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgl,blkd->bkgd", probs, values)
-    return out.reshape(b, h, d).to(q.dtype)
+    scores = scores.view(kvh, b, -1, max_len).masked_fill(~valid[None, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(kvh * b, -1, max_len)
+    out = torch.bmm(probs, values.float())  # [KVH * B, G, D]
+    return out.view(kvh, b, -1, d).transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
 
 def prefill_attention(
@@ -62,12 +61,11 @@ def prefill_attention(
 ) -> torch.Tensor:
     """Causal attention of one sequence's new tokens over its cached prefix + themselves."""
     q_len, h, d = q.shape
-    kvh = k_cache.shape[-2]
-    block_size = k_cache.shape[1]
+    kvh, _, block_size, _ = k_cache.shape
     num_blocks = (seq_len + block_size - 1) // block_size
     blocks = block_table[:num_blocks]
-    keys = k_cache[blocks].reshape(-1, kvh, d)[:seq_len]
-    values = v_cache[blocks].reshape(-1, kvh, d)[:seq_len]
+    keys = k_cache[:, blocks].reshape(kvh, -1, d)[:, :seq_len]  # [KVH, L, D]
+    values = v_cache[:, blocks].reshape(kvh, -1, d)[:, :seq_len]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
     k_pos = torch.arange(seq_len, device=q.device)[None, :]
     mask = k_pos <= q_pos
@@ -75,8 +73,8 @@ def prefill_attention(
         mask &= k_pos > q_pos - sliding_window
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
-        keys.to(q.dtype).transpose(0, 1)[None],
-        values.to(q.dtype).transpose(0, 1)[None],
+        keys.to(q.dtype)[None],
+        values.to(q.dtype)[None],
         attn_mask=mask,
         scale=scale,
         enable_gqa=h != kvh,

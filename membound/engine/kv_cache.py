@@ -35,16 +35,18 @@ class KVCacheSpec:
 def allocate_kv_cache(
     spec: KVCacheSpec, num_blocks: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (K, V) views into one allocation of [layers, 2, blocks, block_size, kv_heads, head_dim].
+    """Per-layer (K, V) views into one allocation of [layers, 2, kv_heads, blocks, block_size, head_dim].
 
-    Zero-filled so that padded slots read by batched attention are finite.
+    Head-major: one head's block is a contiguous [block_size, head_dim] tile, and a gather of
+    a sequence's blocks is directly a batched-matmul operand. Zero-filled so that padded slots
+    read by batched attention are finite.
     """
     pool = torch.zeros(
         spec.num_layers,
         2,
+        spec.num_kv_heads,
         num_blocks,
         spec.block_size,
-        spec.num_kv_heads,
         spec.head_dim,
         dtype=spec.dtype,
         device=device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
@@ -11,6 +12,8 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 
 from membound.errors import InvalidRequestError, ModelLoadError
+
+log = logging.getLogger(__name__)
 
 
 class Tokenizer:
@@ -83,6 +86,7 @@ def _gguf_tokenizer(path: pathlib.Path):
             return AutoTokenizer.from_pretrained(str(cache))
         except Exception:  # a damaged cache entry is rebuilt below
             pass
+    log.info("building the tokenizer from %s's vocab (once; cached in %s)", path.name, cache)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     try:
         tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
