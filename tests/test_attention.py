@@ -25,8 +25,12 @@ def dense_reference(q, k, v, scale, window):
 
 @pytest.mark.parametrize("groups", [1, 3, 4])
 @pytest.mark.parametrize("window", [None, 5])
-def test_paged_prefill_chunks_and_decodes_match_dense(groups, window):
-    """Sequences of ragged lengths arrive as chunks + decodes over scrambled blocks."""
+@pytest.mark.parametrize("gather_cap", [1 << 16, 40])
+def test_paged_prefill_chunks_and_decodes_match_dense(groups, window, gather_cap, monkeypatch):
+    """Sequences of ragged lengths arrive as chunks + decodes over scrambled blocks.
+
+    A small gather cap splits the batched decode into several sub-batches."""
+    monkeypatch.setattr("membound.attention.torch_paged.DECODE_GATHER_TOKENS", gather_cap)
     g = torch.Generator().manual_seed(groups)
     kvh, d, bs, nblocks = 2, 16, 4, 64
     h = kvh * groups

@@ -157,3 +157,32 @@ def test_prompt_over_the_budget_without_chunked_prefill(tmp_path):
     with pytest.raises(InvalidRequestError, match="40 tokens but max_num_batched_tokens is 32"):
         llm.generate([1] * 40)
     assert len(llm.generate([1] * 30, SamplingParams(max_tokens=3))[0].outputs[0].token_ids) == 3
+
+
+def test_bad_prompt_types_and_seed_range(tiny):
+    with pytest.raises(InvalidRequestError, match="a prompt must be a string or a list of token ids"):
+        tiny.engine.add_request("x", 3.5)
+    with pytest.raises(InvalidRequestError, match="token ids must be integers"):
+        tiny.generate([[1.5, 2]])
+    with pytest.raises(InvalidRequestError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        SamplingParams(seed=2**70)
+    with pytest.raises(InvalidRequestError, match="stop strings need a tokenizer"):
+        tiny.generate([1, 2], SamplingParams(stop=["x"]))
+    assert not tiny.engine.has_unfinished_requests()
+
+
+def test_interrupted_generate_leaves_nothing_queued(tiny, monkeypatch):
+    calls = {"n": 0}
+    real_step = tiny.engine.step
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(tiny.engine, "step", flaky_step)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.generate([[1, 2], [3, 4]], SamplingParams(max_tokens=20, ignore_eos=True))
+    assert not tiny.engine.has_unfinished_requests()
+    assert tiny.engine.stats().num_free_blocks == tiny.engine.stats().num_total_blocks

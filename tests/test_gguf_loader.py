@@ -33,7 +33,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(hf, arch: str, path) -> None:
+def write_gguf(hf, arch: str, path, extra: dict | None = None) -> None:
     c = hf.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
@@ -45,9 +45,11 @@ def write_gguf(hf, arch: str, path) -> None:
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(c.rope_parameters.get("rope_theta", 10000.0))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    for name, a in (extra or {}).items():
+        w.add_tensor(name, a)
     for name, t in hf.state_dict().items():
         a = t.float().numpy().copy()
         if name == "lm_head.weight":
@@ -88,6 +90,35 @@ def test_gguf_of_each_architecture_matches_hf(tmp_path, family, arch, overrides)
     cfg = llm.engine.model_config
     assert cfg.attention_bias == (family == "qwen2") and cfg.qk_norm == (family == "qwen3")
     ids = torch.randint(0, 256, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(full_logits(llm.engine, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_rope_freqs_carry_llama3_scaling(tmp_path):
+    """llama.cpp stores Llama 3.1 rope scaling as a `rope_freqs` tensor of per-dimension divisors."""
+    from membound.model.config import ModelConfig, rope_inv_freq
+
+    rope = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    hf = save_tiny_hf_model(tmp_path / "hf", "llama", rope_parameters=rope)
+    cfg = ModelConfig.from_hf(hf.config.to_dict() | {"architectures": ["LlamaForCausalLM"]})
+    unscaled = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
+    plain = ModelConfig.from_hf(
+        hf.config.to_dict() | {"architectures": ["LlamaForCausalLM"], "rope_parameters": unscaled}
+    )
+    factors = rope_inv_freq(plain) / rope_inv_freq(cfg)
+    assert not torch.allclose(factors, torch.ones_like(factors))  # the scaling does something here
+    path = tmp_path / "tiny.gguf"
+    write_gguf(hf, "llama", path, extra={"rope_freqs.weight": factors.numpy()})
+    llm = LLM(str(path), skip_tokenizer_init=True, kv_cache_memory_bytes=4 << 20)
+    ids = torch.randint(0, 256, (60,), generator=torch.Generator().manual_seed(0)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(full_logits(llm.engine, ids), ref, atol=1e-4, rtol=1e-4)

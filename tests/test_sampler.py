@@ -114,3 +114,15 @@ def test_same_seed_same_output_in_any_batch(tiny_llm):
     assert again == alone
     different = tiny_llm.generate([5, 6, 7], SamplingParams(temperature=1.0, seed=1, max_tokens=24, ignore_eos=True))
     assert different[0].outputs[0].token_ids != alone
+
+
+def test_min_tokens_bans_stop_tokens_until_reached(tiny_llm):
+    free = tiny_llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    first = free[0].outputs[0].token_ids[0]
+    stopped = tiny_llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first]))
+    assert stopped[0].outputs[0].token_ids == [] or stopped[0].outputs[0].finish_reason == "stop"
+    held = tiny_llm.generate(
+        [5, 6, 7], SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[first], min_tokens=3)
+    )
+    ids = held[0].outputs[0].token_ids
+    assert len(ids) >= 3 and first not in ids[:3]

@@ -114,3 +114,23 @@ def test_random_mix_of_finish_abort_and_preemption_never_leaks(tmp_path, ops):
         eng.step()
     assert eng.stats().num_free_blocks == total
     assert not eng.requests
+
+
+def test_preempted_request_recomputes_in_chunks_when_chunked_prefill_is_off(tmp_path):
+    """Prompt fits the budget, but prompt + output after preemption does not: no hang."""
+    llm = make_llm(tmp_path, blocks=10, max_num_batched_tokens=60, max_num_seqs=4, enable_chunked_prefill=False)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    outs = llm.generate([[i + 1] * 55 for i in range(3)], params)
+    assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
+    assert llm.engine.stats().num_preemptions > 0
+
+
+def test_mid_prefill_prompt_shrinks_its_chunk_instead_of_preempting(tmp_path):
+    llm = make_llm(tmp_path, blocks=9, max_num_batched_tokens=128, max_num_seqs=4)
+    eng = llm.engine
+    eng.add_request("a", [1] * 40, SamplingParams(max_tokens=60, ignore_eos=True))  # 100 tokens
+    eng.step()
+    eng.add_request("b", [2] * 100, SamplingParams(max_tokens=2, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.stats().num_preemptions == 0

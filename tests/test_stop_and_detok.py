@@ -74,3 +74,15 @@ def test_abort_frees_blocks_at_once(smollm2):
     assert eng.abort_request("a")
     assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
     assert not eng.abort_request("a")
+
+
+def test_the_earliest_stop_string_wins_within_one_token():
+    from membound.engine.request import Request
+
+    class OnePiece:
+        def step(self, token_id: int) -> str:
+            return "xab"
+
+    req = Request("r", None, [1], SamplingParams(stop=["b", "a"]), 0.0, (), 100, OnePiece(), None)
+    req.append_token(5, None)
+    assert req.text == "x" and req.stop_reason == "a" and req.finish_reason == "stop"

@@ -39,14 +39,14 @@ def decode_attention(
     keys = k_cache[:, block_tables].reshape(kvh * b, max_len, d)
     values = v_cache[:, block_tables].reshape(kvh * b, max_len, d)
     qg = q.reshape(b, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * b, h // kvh, d)
-    scores = torch.bmm(qg.float(), keys.float().transpose(1, 2)) * scale  # [KVH * B, G, L]
+    scores = torch.bmm(qg, keys.to(q.dtype).transpose(1, 2)).float() * scale  # [KVH * B, G, L]
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < seq_lens[:, None]
     if sliding_window is not None:
         valid &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
     scores = scores.view(kvh, b, -1, max_len).masked_fill(~valid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(kvh * b, -1, max_len)
-    out = torch.bmm(probs, values.float())  # [KVH * B, G, D]
+    out = torch.bmm(probs.to(q.dtype), values.to(q.dtype))  # [KVH * B, G, D]
     return out.view(kvh, b, -1, d).transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
 
@@ -71,15 +71,26 @@ def prefill_attention(
     mask = k_pos <= q_pos
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
+    keys, values = keys.to(q.dtype), values.to(q.dtype)
+    gqa = h != kvh
+    if gqa and q.is_cuda:
+        # CUDA's fused SDPA kernels take no GQA flag with a mask; expanding keeps them in play.
+        keys, values, gqa = keys.repeat_interleave(h // kvh, 0), values.repeat_interleave(h // kvh, 0), False
+    causal_only = q_len == seq_len and sliding_window is None
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
-        keys.to(q.dtype)[None],
-        values.to(q.dtype)[None],
-        attn_mask=mask,
+        keys[None],
+        values[None],
+        attn_mask=None if causal_only else mask,
+        is_causal=causal_only,
         scale=scale,
-        enable_gqa=h != kvh,
+        enable_gqa=gqa,
     )
     return out[0].transpose(0, 1)
+
+
+# Most cached tokens one batched decode gathers at once; bounds the temporary memory.
+DECODE_GATHER_TOKENS = 1 << 16
 
 
 class TorchPagedAttention:
@@ -102,17 +113,22 @@ class TorchPagedAttention:
         nd = meta.num_decodes
         parts = []
         if nd:
-            parts.append(
-                decode_attention(
-                    q[:nd],
-                    k_cache,
-                    v_cache,
-                    meta.block_tables[:nd],
-                    meta.seq_lens[:nd],
-                    scale,
-                    sliding_window,
+            block_size = k_cache.shape[2]
+            width = (max(meta.seq_lens_host[:nd]) + block_size - 1) // block_size
+            step = max(1, DECODE_GATHER_TOKENS // (width * block_size))
+            for lo in range(0, nd, step):
+                hi = min(nd, lo + step)
+                parts.append(
+                    decode_attention(
+                        q[lo:hi],
+                        k_cache,
+                        v_cache,
+                        meta.block_tables[lo:hi, :width],
+                        meta.seq_lens[lo:hi],
+                        scale,
+                        sliding_window,
+                    )
                 )
-            )
         starts = meta.query_start_loc_host
         for i in range(nd, meta.num_seqs):
             parts.append(

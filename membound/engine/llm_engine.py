@@ -15,8 +15,9 @@ from membound.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_ca
 from membound.engine.memory import MemoryPlan, plan_memory
 from membound.engine.model_runner import ModelRunner
 from membound.engine.request import Request
+from membound.engine.sampler import SamplingBatch, sample
 from membound.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from membound.errors import InvalidRequestError
+from membound.errors import ConfigError, InvalidRequestError
 from membound.model.loader import load_config, load_model, open_gguf, resolve_model
 from membound.model.tokenizer import Tokenizer
 from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
@@ -69,7 +70,13 @@ class LLMEngine:
         self.memory: MemoryPlan = plan_memory(
             config, self.kv_spec, self.device, loaded.weight_bytes, activation_peak, self.max_model_len
         )
-        kv_caches = allocate_kv_cache(self.kv_spec, self.memory.num_blocks, self.device)
+        try:
+            kv_caches = allocate_kv_cache(self.kv_spec, self.memory.num_blocks, self.device)
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocators raise RuntimeError
+            raise ConfigError(
+                f"could not allocate the KV cache ({self.memory.kv_bytes / 2**30:.2f} GiB): {e}; "
+                "lower kv_cache_memory_bytes / gpu_memory_utilization or max_model_len"
+            ) from e
         self.allocator = BlockAllocator(self.memory.num_blocks)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -112,8 +119,12 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise InvalidRequestError("this engine has no tokenizer; pass prompt token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, list | tuple):
             ids = list(prompt)
+        else:
+            raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         self._check_prompt(ids, params)
         generator = None
         if params.seed is not None:
@@ -258,31 +269,54 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _profile_activation_peak(self) -> int:
-        """Peak memory of the largest step (CUDA only; on CPU the KV budget is fixed)."""
+        """Peak memory of the worst steps, measured (CUDA only; on CPU the KV budget is fixed).
+
+        Two shapes: the last prefill chunk of a max_model_len prompt (largest attention mask),
+        and a decode of max_num_seqs sequences all at max_model_len (largest K/V gather), each
+        followed by sampling with truncation. Block tables wrap around a small scratch cache:
+        the gathers cost the same memory as over a real one.
+        """
         if self.device.type != "cuda":
             return 0
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
-        bs = self.config.block_size
-        nblocks = blocks_needed(n, bs)
-        caches = allocate_kv_cache(self.kv_spec, nblocks, self.device)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        base = torch.cuda.memory_allocated(self.device)
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=self.device),
-            block_tables=torch.arange(nblocks, dtype=torch.int32, device=self.device)[None],
-            seq_lens=torch.tensor([n], dtype=torch.int32, device=self.device),
-            query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=self.device),
-            num_decodes=0,
-            seq_lens_host=(n,),
-            query_start_loc_host=(0, n),
-        )
-        ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, torch.arange(n, device=self.device), caches, meta)
+        dev, bs, max_len = self.device, self.config.block_size, self.max_model_len
+        n = min(self.config.max_num_batched_tokens, max_len)
+        scratch = blocks_needed(n, bs) + 1
+        caches = allocate_kv_cache(self.kv_spec, scratch, dev)
+        table_row = [i % scratch for i in range(blocks_needed(max_len, bs))]
+
+        def meta(q_lens: list[int]) -> AttentionMetadata:
+            starts = [0]
+            for q in q_lens:
+                starts.append(starts[-1] + q)
+            slots = [table_row[p // bs] * bs + p % bs for q in q_lens for p in range(max_len - q, max_len)]
+            return AttentionMetadata(
+                slot_mapping=torch.tensor(slots, device=dev),
+                block_tables=torch.tensor([table_row] * len(q_lens), dtype=torch.int32, device=dev),
+                seq_lens=torch.tensor([max_len] * len(q_lens), dtype=torch.int32, device=dev),
+                query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+                num_decodes=sum(1 for q in q_lens if q == 1),
+                seq_lens_host=(max_len,) * len(q_lens),
+                query_start_loc_host=tuple(starts),
+            )
+
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
         rows = min(self.config.max_num_seqs, n)
-        self.model.compute_logits(hidden[:rows]).softmax(-1)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - base
-        del caches, hidden
+        for q_lens in ([n], [1] * rows):
+            t = sum(q_lens)
+            ids = torch.zeros(t, dtype=torch.int64, device=dev)
+            positions = torch.full((t,), max_len - 1, dtype=torch.int64, device=dev)
+            hidden = self.model(ids, positions, caches, meta(q_lens))
+            logits = self.model.compute_logits(hidden[:rows])
+            params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows
+            batch = SamplingBatch.build(
+                params, [None] * rows, [[0]] * rows, [1] * rows, self.model_config.vocab_size, dev
+            )
+            sample(logits, batch, None)
+            del hidden, logits
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del caches
         torch.cuda.empty_cache()
         return peak

@@ -39,6 +39,10 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device, weight_bytes: in
         # What others hold counts against the budget too: target = utilization x total.
         used_by_others = total - free - torch.cuda.memory_reserved(device)
         budget = int(config.gpu_memory_utilization * total) - used_by_others - weight_bytes - activation_peak
+        # Never plan past what is actually free now (another engine in this process, say).
+        budget = min(
+            budget, free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - activation_peak
+        )
         if budget <= 0:
             raise ConfigError(
                 f"no memory left for the KV cache: {config.gpu_memory_utilization:.0%} of {total / GiB:.1f} GiB "

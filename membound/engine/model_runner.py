@@ -98,5 +98,6 @@ class ModelRunner:
             [len(r.prompt_token_ids) for r in sampling],
             self.vocab_size,
             self.device,
+            [r.banned_token_ids() for r in sampling],
         )
         return sample(logits, batch, self.generator)

@@ -74,30 +74,35 @@ class Request:
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
         n = self.num_output_tokens
+        # The sampler bans EOS and stop tokens until min_tokens, so these only fire past it.
+        if token_id in self.eos_token_ids or token_id in self.params.stop_token_ids:
+            self.finish("stop", token_id)  # the stop token's text is not part of the output
+            return
         prev_len = len(self.text)
         if self.detokenizer is not None:
             self.text += self.detokenizer.step(token_id)
-        past_min = n >= self.params.min_tokens
-        if past_min and token_id in self.eos_token_ids:
-            self.finish("stop", token_id)
-        elif past_min and token_id in self.params.stop_token_ids:
-            self.finish("stop", token_id)
-        elif past_min and self.params.stop and self._check_stop_strings(prev_len):
-            pass
-        elif n >= self.max_output:
+        if self.params.stop and n >= self.params.min_tokens and self._check_stop_strings(prev_len):
+            return
+        if n >= self.max_output:
             self.finish("length")
+
+    def banned_token_ids(self) -> list[int]:
+        """Tokens the sampler must not pick now: EOS and stop tokens until min_tokens is reached."""
+        if self.num_output_tokens >= self.params.min_tokens:
+            return []
+        return [*self.eos_token_ids, *self.params.stop_token_ids]
 
     def _check_stop_strings(self, prev_len: int) -> bool:
         # Only a match that ends inside this token's text is new.
         longest = max(len(s) for s in self.params.stop)
         start = max(0, prev_len - longest + 1)
-        for s in self.params.stop:
-            idx = self.text.find(s, start)
-            if idx != -1:
-                self.text = self.text[:idx]
-                self.finish("stop", s)
-                return True
-        return False
+        hits = [(idx, s) for s in self.params.stop if (idx := self.text.find(s, start)) != -1]
+        if not hits:
+            return False
+        idx, s = min(hits)  # the earliest match wins, whichever stop string it is
+        self.text = self.text[:idx]
+        self.finish("stop", s)
+        return True
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = Status.FINISHED

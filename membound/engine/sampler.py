@@ -30,6 +30,7 @@ class SamplingBatch:
     needs_truncation: bool
     max_logprobs: int | None  # None: no row asked for logprobs
     penalties: Penalties | None
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) forced to -inf
 
     @classmethod
     def build(
@@ -40,11 +41,13 @@ class SamplingBatch:
         num_prompt_tokens: list[int],
         vocab_size: int,
         device: torch.device,
+        banned: list[list[int]] | None = None,
     ) -> SamplingBatch:
         def t(values, dtype=torch.float32):
             return torch.tensor(values, dtype=dtype, device=device)
 
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
+        pairs = [(row, tok) for row, toks in enumerate(banned or []) for tok in toks if tok < vocab_size]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             params=params,
@@ -61,6 +64,7 @@ class SamplingBatch:
             penalties=Penalties.build(params, token_ids, num_prompt_tokens, vocab_size, device)
             if any(p.uses_penalties for p in params)
             else None,
+            banned=(t([r for r, _ in pairs], torch.int64), t([c for _, c in pairs], torch.int64)) if pairs else None,
         )
 
 
@@ -133,6 +137,8 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> SamplerOutput:
     """logits: [B, V] fp32 for the rows that sample this step."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
+    if batch.banned is not None:
+        logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
     greedy_ids = logits.argmax(dim=-1)

@@ -83,6 +83,10 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n > 1:
+                # A prompt mid-prefill takes the chunk that fits rather than evicting anyone.
+                fits = (len(req.block_ids) + self.allocator.num_free) * self.config.block_size
+                n = max(1, min(n, fits - req.num_computed_tokens))
             while not self._grow(req, req.num_computed_tokens + n):
                 victim = self._pick_victim(exclude=scheduled)
                 self._preempt(victim)
@@ -98,7 +102,9 @@ class Scheduler:
             req = self.waiting[0]
             remaining = req.num_tokens - req.num_computed_tokens
             n = min(remaining, budget)
-            if n < remaining and not self.config.enable_chunked_prefill:
+            # Without chunked prefill a prompt goes in whole; a preempted request's recompute
+            # (prompt + output so far) may exceed the budget, so it is chunked regardless.
+            if n < remaining and not self.config.enable_chunked_prefill and not req.num_preemptions:
                 break
             if not self._grow(req, req.num_computed_tokens + n):
                 break

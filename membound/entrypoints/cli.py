@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
-from membound.errors import MemboundError
+from membound.errors import InvalidRequestError, MemboundError
 from membound.sampling_params import SamplingParams
 
 
@@ -99,6 +99,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     params = _params(a)
     prompt = a.prompt
     if a.chat_template:
+        _require_tokenizer(engine)
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": a.prompt}])
     else:
         print(a.prompt, end="", flush=True)
@@ -113,8 +114,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _require_tokenizer(engine: LLMEngine) -> None:
+    if engine.tokenizer is None:
+        raise InvalidRequestError("this model has no tokenizer (dummy weights?); chat templates need one")
+
+
 def cmd_chat(a: argparse.Namespace) -> int:
     engine = _engine(a)
+    _require_tokenizer(engine)
     params = _params(a)
     messages: list[dict[str, str]] = []
     if a.system:
@@ -143,6 +150,10 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             pass
+        except InvalidRequestError as e:  # e.g. the history outgrew max_model_len
+            print(f"error: {e}; /reset starts over", file=sys.stderr)
+            messages.pop()
+            continue
         print()
         turn += 1
         messages.append({"role": "assistant", "content": "".join(reply)})

@@ -82,10 +82,14 @@ class LLM:
             raise
         final: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
-            while len(final) < len(ids):
-                for out in self.engine.step():
-                    if out.finished and out.request_id in wanted:
-                        final[out.request_id] = out
-                        bar.update(1)
+        try:
+            with tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+                while len(final) < len(ids):
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in wanted:
+                            final[out.request_id] = out
+                            bar.update(1)
+        finally:
+            for rid in wanted - final.keys():  # interrupted: nothing stays queued for the next call
+                self.engine.abort_request(rid)
         return [final[rid] for rid in ids]

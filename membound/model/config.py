@@ -161,7 +161,7 @@ def rope_inv_freq(config: ModelConfig, freq_factors: torch.Tensor | None = None)
     d = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if freq_factors is not None:
-        return inv / freq_factors.float()
+        return inv / freq_factors.to(device=inv.device, dtype=torch.float32)
     rs = config.rope_scaling or {}
     kind = rs.get("rope_type", "default")
     if kind == "linear":

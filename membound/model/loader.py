@@ -233,7 +233,8 @@ def load_model(
     config = load_config(source, gguf)
     freq_factors = gguf.rope_freq_factors() if gguf and source.kind != "dummy" else None
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions, freq_factors).to(dtype)
+        # Rope tables are computed for real just below; meta needs none of the factors.
+        model = LlamaForCausalLM(config, backend, max_positions).to(dtype)
     model.to_empty(device=device)
     # Buffers were created on meta: compute the rope tables on the real device.
     with torch.device(device):
