@@ -79,15 +79,15 @@ def time_hf(hf, prompts: list[list[int]], n: int) -> float:
     return dt
 
 
-def decode_rates(timers: dict, prompts, n: int, repeats: int) -> dict[str, float]:
-    """Median decode rate per engine; engines alternate within each repeat so drift hits both."""
+def decode_rates(timers: dict, prompts, n: int, repeats: int) -> dict[str, list[float]]:
+    """Decode rate of each repeat per engine; engines alternate within a repeat so drift hits both."""
     rates: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(repeats):
         for name, timer in timers.items():
             t1 = timer(prompts, 1)
             tn = timer(prompts, n)
             rates[name].append(len(prompts) * (n - 1) / (tn - t1))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    return rates
 
 
 def main() -> None:
@@ -114,8 +114,17 @@ def main() -> None:
         prompts = [base[i : i + a.prompt_len] for i in range(b)]  # distinct prompts of equal length
         timers = {"membound": lambda p, n: time_membound(llm, p, n), "hf": lambda p, n: time_hf(hf, p, n)}
         got = decode_rates(timers, prompts, a.new_tokens, a.repeats)
-        ours, theirs = got["membound"], got["hf"]
-        rows.append({"concurrency": b, "membound_tok_s": ours, "hf_tok_s": theirs, "ratio": ours / theirs})
+        ours, theirs = statistics.median(got["membound"]), statistics.median(got["hf"])
+        rows.append(
+            {
+                "concurrency": b,
+                "membound_tok_s": ours,
+                "hf_tok_s": theirs,
+                "ratio": ours / theirs,
+                "membound_runs": got["membound"],
+                "hf_runs": got["hf"],
+            }
+        )
         print(
             f"concurrency {b:3d}: membound {ours:8.1f} tok/s   HF generate {theirs:8.1f} tok/s   "
             f"ratio {ours / theirs:.2f}x"

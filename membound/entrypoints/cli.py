@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
 from membound.errors import InvalidRequestError, MemboundError
+from membound.outputs import RequestOutput
 from membound.sampling_params import SamplingParams
 
 
@@ -79,15 +80,14 @@ def _params(a: argparse.Namespace) -> SamplingParams:
     )
 
 
-def stream(engine: LLMEngine, request_id: str, prompt, params: SamplingParams) -> Iterator[str]:
-    """Yield text pieces of one request as the engine produces them."""
+def stream(engine: LLMEngine, request_id: str, prompt, params: SamplingParams) -> Iterator[RequestOutput]:
+    """Yield one request's outputs step by step (`delta_text` holds the new text)."""
     engine.add_request(request_id, prompt, params)
     try:
         while True:
             for out in engine.step():
                 if out.request_id == request_id:
-                    if out.delta_text:
-                        yield out.delta_text
+                    yield out
                     if out.finished:
                         return
     finally:
@@ -104,13 +104,20 @@ def cmd_generate(a: argparse.Namespace) -> int:
     else:
         print(a.prompt, end="", flush=True)
     t0 = time.perf_counter()
-    n = 0
-    for piece in stream(engine, "cli-0", prompt, params):
-        print(piece, end="", flush=True)
-        n += 1
+    last = None
+    for out in stream(engine, "cli-0", prompt, params):
+        print(out.delta_text, end="", flush=True)
+        last = out
     dt = time.perf_counter() - t0
     print()
-    print(f"[{dt:.2f}s]", file=sys.stderr)
+    n = len(last.outputs[0].token_ids)
+    ttft = last.metrics.time_to_first_token or 0.0
+    decode = (n - 1) / (dt - ttft) if n > 1 and dt > ttft else 0.0
+    print(
+        f"[{n} tokens in {dt:.2f}s: first token {ttft * 1000:.0f} ms, decode {decode:.1f} tok/s; "
+        f"finish: {last.outputs[0].finish_reason}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -145,9 +152,9 @@ def cmd_chat(a: argparse.Namespace) -> int:
         ids = engine.tokenizer.apply_chat_template(messages)
         reply = []
         try:
-            for piece in stream(engine, f"chat-{turn}", ids, params):
-                reply.append(piece)
-                print(piece, end="", flush=True)
+            for out in stream(engine, f"chat-{turn}", ids, params):
+                reply.append(out.delta_text)
+                print(out.delta_text, end="", flush=True)
         except KeyboardInterrupt:
             pass
         except InvalidRequestError as e:  # e.g. the history outgrew max_model_len
