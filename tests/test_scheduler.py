@@ -134,3 +134,17 @@ def test_mid_prefill_prompt_shrinks_its_chunk_instead_of_preempting(tmp_path):
     while eng.has_unfinished_requests():
         eng.step()
     assert eng.stats().num_preemptions == 0
+
+
+def test_dummy_preset_runs_and_startup_logs_the_memory_arithmetic(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="membound"):
+        llm = LLM("smollm2-135m", load_format="dummy", max_model_len=256, kv_cache_memory_bytes=64 << 20)
+    assert llm.tokenizer is None and llm.engine.model_config.num_layers == 30
+    # 64 MiB / (46,080 fp32 bytes per token x 16) = 91 blocks = 1,456 tokens = 5.69 x 256
+    assert llm.engine.stats().num_total_blocks == 91
+    line = next(r.getMessage() for r in caplog.records if "KV cache" in r.getMessage())
+    assert "weights 0.501 GiB" in line and "= 91 blocks = 1456 tokens" in line and "5.69x" in line
+    out = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
