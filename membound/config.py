@@ -31,6 +31,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
     seed: int = 0
     load_format: str = "auto"  # "auto" or "dummy" (random weights)
     attention_backend: str = "auto"

@@ -34,6 +34,9 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_preemptions: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens whose KV was reused
+    num_cached_blocks: int  # blocks whose content is indexed (held or free)
 
 
 class LLMEngine:
@@ -84,6 +87,7 @@ class LLMEngine:
                 max_num_batched_tokens=config.max_num_batched_tokens,
                 block_size=config.block_size,
                 enable_chunked_prefill=config.enable_chunked_prefill,
+                enable_prefix_caching=config.enable_prefix_caching,
             ),
             self.allocator,
         )
@@ -201,14 +205,10 @@ class LLMEngine:
 
     def _update(self, sched: SchedulerOutput, result) -> list[RequestOutput]:
         outputs = []
-        row = 0
         now = time.time()
-        for s in sched.scheduled:
-            req = s.request
-            samples = s.samples
-            req.num_computed_tokens += s.num_new_tokens
-            if not samples:
-                continue
+        sampled = [s.request for s in sched.scheduled if s.samples]  # before commit moves the counts
+        self.scheduler.commit(sched)
+        for row, req in enumerate(sampled):
             token = result.token_ids[row]
             lp = None
             if req.logprobs is not None:
@@ -218,7 +218,6 @@ class LLMEngine:
                     result.logprobs[row],
                     dict(zip(result.top_ids[row][:n], result.top_logprobs[row][:n], strict=True)),
                 )
-            row += 1
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             req.append_token(token, lp)
@@ -263,7 +262,14 @@ class LLMEngine:
             num_free_blocks=self.allocator.num_free,
             num_total_blocks=self.allocator.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            num_cached_blocks=self.allocator.num_cached,
         )
+
+    def reset_prefix_cache(self) -> None:
+        """Forget all cached prefixes; later requests recompute them."""
+        self.allocator.reset_cache()
 
     # ------------------------------------------------------------------ start-up
 

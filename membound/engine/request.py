@@ -6,6 +6,7 @@ import enum
 
 import torch
 
+from membound.engine.kv_cache import hash_block
 from membound.model.tokenizer import Detokenizer
 from membound.outputs import RequestMetrics, TokenLogprob
 from membound.sampling_params import SamplingParams
@@ -37,6 +38,8 @@ class Request:
         self.token_ids = list(prompt_token_ids)  # prompt + output, what the KV cache holds
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_ids: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained content hashes of full blocks of token_ids
+        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.status = Status.WAITING
         self.metrics = RequestMetrics(arrival_time)
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
@@ -55,6 +58,13 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    def full_block_hashes(self, block_size: int, salt: bytes) -> list[bytes]:
+        """Hashes of every full block of `token_ids`, extended as tokens arrive (tokens never change)."""
+        for i in range(len(self.block_hashes), len(self.token_ids) // block_size):
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(hash_block(parent, self.token_ids[i * block_size : (i + 1) * block_size], salt))
+        return self.block_hashes
 
     @property
     def output_token_ids(self) -> list[int]:

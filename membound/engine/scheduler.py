@@ -24,6 +24,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     block_size: int
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    cache_salt: bytes = b""  # mixed into block hashes: whatever else changes the KV (model, LoRA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,8 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of those, tokens whose KV was found
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -98,16 +102,27 @@ class Scheduler:
                 budget -= n
 
         # New requests, unless memory was just short (they would only be preempted again).
+        bs = self.config.block_size
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            remaining = req.num_tokens - req.num_computed_tokens
+            hits = self._cached_prefix(req)
+            computed = len(hits) * bs
+            remaining = req.num_tokens - computed
             n = min(remaining, budget)
             # Without chunked prefill a prompt goes in whole; a preempted request's recompute
             # (prompt + output so far) may exceed the budget, so it is chunked regardless.
             if n < remaining and not self.config.enable_chunked_prefill and not req.num_preemptions:
                 break
-            if not self._grow(req, req.num_computed_tokens + n):
+            need = blocks_needed(computed + n, bs) - len(hits)
+            if need > self.allocator.num_free_after_taking(hits):
                 break
+            self.allocator.take(hits)
+            req.block_ids = hits + self.allocator.allocate(need)
+            req.num_cached_blocks = len(hits)  # already in the cache: nothing to register
+            req.num_computed_tokens = computed
+            if self.config.enable_prefix_caching:
+                self.prefix_cache_queries += req.num_tokens
+                self.prefix_cache_hits += computed
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
@@ -117,6 +132,29 @@ class Scheduler:
         items = sorted(scheduled.values(), key=lambda s: s.num_new_tokens > 1)
         num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
         return SchedulerOutput(items, num_decodes, preempted)
+
+    def commit(self, sched: SchedulerOutput) -> None:
+        """After the model ran: advance each request and offer its newly full blocks to the cache."""
+        bs = self.config.block_size
+        for s in sched.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            if not self.config.enable_prefix_caching:
+                continue
+            full = req.num_computed_tokens // bs
+            if full > req.num_cached_blocks:
+                hashes = req.full_block_hashes(bs, self.config.cache_salt)
+                for i in range(req.num_cached_blocks, full):
+                    self.allocator.register(req.block_ids[i], hashes[i])
+                req.num_cached_blocks = full
+
+    def _cached_prefix(self, req: Request) -> list[int]:
+        """Cached blocks for the longest cached prefix, leaving at least one token to compute."""
+        if not self.config.enable_prefix_caching or req.num_computed_tokens:
+            return []
+        hits = self.allocator.lookup(req.full_block_hashes(self.config.block_size, self.config.cache_salt))
+        # The last token must run through the model so the request gets logits.
+        return hits[: (req.num_tokens - 1) // self.config.block_size]
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Make sure `req` owns blocks for `num_tokens` tokens; False if the pool is short."""
@@ -148,3 +186,4 @@ class Scheduler:
         if req.block_ids:
             self.allocator.free(req.block_ids)
             req.block_ids = []
+        req.num_cached_blocks = 0

@@ -34,6 +34,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in MiB (CPU default 2048)")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of prompt prefixes already in the cache (default: on)",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -62,6 +68,7 @@ def _engine(a: argparse.Namespace) -> LLMEngine:
             kv_cache_memory_bytes=None if a.kv_cache_memory is None else a.kv_cache_memory << 20,
             load_format=a.load_format,
             seed=a.seed,
+            enable_prefix_caching=a.enable_prefix_caching,
         )
     )
 

@@ -56,6 +56,10 @@ class LLM:
                 )
         return self._run(prompts, params, use_tqdm)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (e.g. between benchmark runs)."""
+        self.engine.reset_prefix_cache()
+
     def chat(
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
