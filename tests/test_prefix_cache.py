@@ -216,3 +216,36 @@ def test_prefix_ending_mid_block(smollm2, smollm2_off):
     assert len(base) % 16 != 0
     prompts = [base + tok.encode(x) for x in (" loved", " feared", " sold")]
     assert_same(outputs(smollm2, prompts), outputs(smollm2_off, prompts))
+
+
+def test_without_hits_the_schedule_is_identical_to_caching_off(tmp_path):
+    """When nothing is shared, caching changes no step: same tokens, same blocks, same batches.
+    Its only cost is host-side hashing, which the prefix-cache benchmark measures."""
+
+    def trace(llm: LLM) -> list:
+        eng, steps = llm.engine, []
+        real = eng.runner.execute
+
+        def spy(sched):
+            steps.append(
+                [(s.request.request_id, s.num_new_tokens, tuple(s.request.block_ids)) for s in sched.scheduled]
+            )
+            return real(sched)
+
+        eng.runner.execute = spy
+        g = torch.Generator().manual_seed(5)
+        for i in range(6):
+            eng.add_request(
+                f"r{i}",
+                torch.randint(1, 127, (30 + 7 * i,), generator=g).tolist(),
+                SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+            )
+        while eng.has_unfinished_requests():
+            eng.step()
+        return steps
+
+    on = trace(tiny(tmp_path / "on", blocks=20, max_num_batched_tokens=40, max_num_seqs=4))
+    off = trace(
+        tiny(tmp_path / "off", blocks=20, max_num_batched_tokens=40, max_num_seqs=4, enable_prefix_caching=False)
+    )
+    assert on == off
