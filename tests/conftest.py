@@ -73,6 +73,32 @@ def write_tiny_config(path: pathlib.Path, **overrides) -> pathlib.Path:
     return path
 
 
+TINY_BLOCK = 16
+TINY_KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 8 * 4  # write_tiny_config: layers x (K,V) x kv_heads x head_dim x fp32
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def tiny_llm(tmp_path: pathlib.Path, blocks: int = 64, **kw) -> LLM:
+    """A dummy-weight engine on write_tiny_config's shape with a KV pool of exactly `blocks` blocks."""
+    path = write_tiny_config(tmp_path / "cfg")
+    return LLM(
+        str(path),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        max_model_len=128,
+        kv_cache_memory_bytes=blocks * TINY_BLOCK * TINY_KV_BYTES_PER_TOKEN,
+        **kw,
+    )
+
+
 @torch.inference_mode()
 def full_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     """Logits at every position of one sequence, through membound's model and paged attention."""

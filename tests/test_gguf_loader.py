@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from membound import LLM
-from tests.conftest import full_logits, save_tiny_hf_model
+from tests.conftest import LLAMA3_ROPE, full_logits, save_tiny_hf_model
 
 gguf = pytest.importorskip("gguf")
 
@@ -99,14 +99,7 @@ def test_gguf_rope_freqs_carry_llama3_scaling(tmp_path):
     """llama.cpp stores Llama 3.1 rope scaling as a `rope_freqs` tensor of per-dimension divisors."""
     from membound.model.config import ModelConfig, rope_inv_freq
 
-    rope = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
+    rope = LLAMA3_ROPE
     hf = save_tiny_hf_model(tmp_path / "hf", "llama", rope_parameters=rope)
     cfg = ModelConfig.from_hf(hf.config.to_dict() | {"architectures": ["LlamaForCausalLM"]})
     unscaled = {"rope_type": "default", "rope_theta": rope["rope_theta"]}

@@ -6,16 +6,7 @@ import pytest
 import torch
 
 from membound import LLM, SamplingParams
-from tests.conftest import full_logits, save_tiny_hf_model
-
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "rope_theta": 500000.0,
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 64,
-}
+from tests.conftest import LLAMA3_ROPE, full_logits, save_tiny_hf_model
 
 CASES = {
     "llama-gqa-untied": ("llama", {}),

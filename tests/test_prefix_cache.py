@@ -9,23 +9,9 @@ from hypothesis import strategies as st
 
 from membound import LLM, SamplingParams
 from membound.engine.kv_cache import BlockAllocator, hash_block
-from tests.conftest import write_tiny_config
+from tests.conftest import tiny_llm
 
-BLOCK = 16
-KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 8 * 4  # tiny config: layers x (K,V) x kv_heads x head_dim x fp32
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
-
-
-def tiny(tmp_path, blocks: int = 64, **kw) -> LLM:
-    path = write_tiny_config(tmp_path / "cfg")
-    return LLM(
-        str(path),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        max_model_len=128,
-        kv_cache_memory_bytes=blocks * BLOCK * KV_BYTES_PER_TOKEN,
-        **kw,
-    )
 
 
 def test_hash_chains_over_the_whole_prefix():
@@ -48,7 +34,7 @@ def test_cached_free_blocks_are_evicted_least_recently_used_first():
 
 
 def test_hits_are_counted_in_tokens(tmp_path):
-    llm = tiny(tmp_path)
+    llm = tiny_llm(tmp_path)
     prompt = list(range(1, 41))  # 40 tokens: 2 full blocks + 8
     llm.generate(prompt, GREEDY)
     s0 = llm.engine.stats()
@@ -66,14 +52,14 @@ def test_hits_are_counted_in_tokens(tmp_path):
 
 
 def test_disabled_caches_nothing(tmp_path):
-    llm = tiny(tmp_path, enable_prefix_caching=False)
+    llm = tiny_llm(tmp_path, enable_prefix_caching=False)
     llm.generate([list(range(1, 41))] * 2, GREEDY)
     stats = llm.engine.stats()
     assert stats.prefix_cache_queries == stats.prefix_cache_hits == stats.num_cached_blocks == 0
 
 
 def test_cached_blocks_are_shared_between_running_requests(tmp_path):
-    llm = tiny(tmp_path)
+    llm = tiny_llm(tmp_path)
     eng = llm.engine
     shared = list(range(1, 33))
     eng.add_request("a", shared + [50, 51], SamplingParams(max_tokens=20, ignore_eos=True))
@@ -102,8 +88,8 @@ def assert_same(on, off):
 
 def test_eviction_under_a_tiny_pool_keeps_every_request_correct(tmp_path):
     # 10 blocks: room for one 128-token sequence plus 2 blocks, so cached blocks churn constantly.
-    on = tiny(tmp_path / "on", blocks=10, max_num_batched_tokens=32, max_num_seqs=4)
-    off = tiny(tmp_path / "off", blocks=10, max_num_batched_tokens=32, max_num_seqs=4, enable_prefix_caching=False)
+    on = tiny_llm(tmp_path / "on", blocks=10, max_num_batched_tokens=32, max_num_seqs=4)
+    off = tiny_llm(tmp_path / "off", blocks=10, max_num_batched_tokens=32, max_num_seqs=4, enable_prefix_caching=False)
     g = torch.Generator().manual_seed(0)
     prefixes = [torch.randint(1, 127, (n,), generator=g).tolist() for n in (20, 37, 50)]
     prompts = [prefixes[i % 3] + torch.randint(1, 127, (1 + i % 7,), generator=g).tolist() for i in range(12)]
@@ -114,7 +100,7 @@ def test_eviction_under_a_tiny_pool_keeps_every_request_correct(tmp_path):
 
 
 def test_preempted_request_finds_its_own_prefix(tmp_path):
-    llm = tiny(tmp_path, blocks=10)
+    llm = tiny_llm(tmp_path, blocks=10)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, 127, (50,), generator=g).tolist() for _ in range(3)]  # nothing shared
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -122,7 +108,7 @@ def test_preempted_request_finds_its_own_prefix(tmp_path):
     stats = llm.engine.stats()
     assert stats.num_preemptions > 0
     assert stats.prefix_cache_hits > 0  # recompute after preemption reused cached blocks
-    off = tiny(tmp_path / "off", blocks=64, enable_prefix_caching=False)
+    off = tiny_llm(tmp_path / "off", blocks=64, enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in off.generate(prompts, params)]
 
 
@@ -148,7 +134,7 @@ ops = st.lists(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
 def test_random_mix_with_shared_prefixes_never_leaks(tmp_path, ops):
-    llm = tiny(tmp_path, blocks=12, max_num_batched_tokens=48, max_num_seqs=6)
+    llm = tiny_llm(tmp_path, blocks=12, max_num_batched_tokens=48, max_num_seqs=6)
     eng = llm.engine
     stems = [[(7 * s + i) % 120 + 1 for i in range(40)] for s in range(4)]
     added = 0
@@ -244,8 +230,8 @@ def test_without_hits_the_schedule_is_identical_to_caching_off(tmp_path):
             eng.step()
         return steps
 
-    on = trace(tiny(tmp_path / "on", blocks=20, max_num_batched_tokens=40, max_num_seqs=4))
+    on = trace(tiny_llm(tmp_path / "on", blocks=20, max_num_batched_tokens=40, max_num_seqs=4))
     off = trace(
-        tiny(tmp_path / "off", blocks=20, max_num_batched_tokens=40, max_num_seqs=4, enable_prefix_caching=False)
+        tiny_llm(tmp_path / "off", blocks=20, max_num_batched_tokens=40, max_num_seqs=4, enable_prefix_caching=False)
     )
     assert on == off

@@ -8,22 +8,7 @@ from hypothesis import strategies as st
 
 from membound import LLM, SamplingParams
 from membound.engine.kv_cache import BlockAllocator
-from tests.conftest import write_tiny_config
-
-BLOCK = 16
-KV_BYTES_PER_TOKEN = 2 * 2 * 2 * 8 * 4  # layers x (K,V) x kv_heads x head_dim x fp32
-
-
-def make_llm(tmp_path, blocks: int, **kw) -> LLM:
-    path = write_tiny_config(tmp_path / "cfg")
-    return LLM(
-        str(path),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        max_model_len=128,
-        kv_cache_memory_bytes=blocks * BLOCK * KV_BYTES_PER_TOKEN,
-        **kw,
-    )
+from tests.conftest import tiny_llm
 
 
 def test_allocator_refuses_double_free_and_overcommit():
@@ -39,7 +24,7 @@ def test_allocator_refuses_double_free_and_overcommit():
 
 
 def test_chunked_prefill_respects_the_token_budget_and_decodes_go_first(tmp_path):
-    llm = make_llm(tmp_path, blocks=64, max_num_batched_tokens=32, max_num_seqs=8)
+    llm = tiny_llm(tmp_path, blocks=64, max_num_batched_tokens=32, max_num_seqs=8)
     eng = llm.engine
     eng.add_request("short", [1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True))
     eng.step()  # prefill of "short"; it now decodes
@@ -56,7 +41,7 @@ def test_chunked_prefill_respects_the_token_budget_and_decodes_go_first(tmp_path
 
 
 def test_max_num_seqs_caps_the_batch(tmp_path):
-    llm = make_llm(tmp_path, blocks=64, max_num_seqs=3)
+    llm = tiny_llm(tmp_path, blocks=64, max_num_seqs=3)
     for i in range(6):
         llm.engine.add_request(f"r{i}", [i + 1] * 4, SamplingParams(max_tokens=4, ignore_eos=True))
     sched = llm.engine.scheduler.schedule()
@@ -64,7 +49,7 @@ def test_max_num_seqs_caps_the_batch(tmp_path):
 
 
 def test_preemption_instead_of_out_of_memory(tmp_path):
-    llm = make_llm(tmp_path, blocks=10)  # 160 tokens of KV; 4 requests need ~4 x 90
+    llm = tiny_llm(tmp_path, blocks=10)  # 160 tokens of KV; 4 requests need ~4 x 90
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     outs = llm.generate([[i + 1] * 50 for i in range(4)], params)
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
@@ -91,7 +76,7 @@ ops = st.lists(
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=ops)
 def test_random_mix_of_finish_abort_and_preemption_never_leaks(tmp_path, ops):
-    llm = make_llm(tmp_path, blocks=12, max_num_batched_tokens=48, max_num_seqs=6)
+    llm = tiny_llm(tmp_path, blocks=12, max_num_batched_tokens=48, max_num_seqs=6)
     eng = llm.engine
     total = eng.stats().num_total_blocks
     added = 0
@@ -118,7 +103,7 @@ def test_random_mix_of_finish_abort_and_preemption_never_leaks(tmp_path, ops):
 
 def test_preempted_request_recomputes_in_chunks_when_chunked_prefill_is_off(tmp_path):
     """Prompt fits the budget, but prompt + output after preemption does not: no hang."""
-    llm = make_llm(tmp_path, blocks=10, max_num_batched_tokens=60, max_num_seqs=4, enable_chunked_prefill=False)
+    llm = tiny_llm(tmp_path, blocks=10, max_num_batched_tokens=60, max_num_seqs=4, enable_chunked_prefill=False)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     outs = llm.generate([[i + 1] * 55 for i in range(3)], params)
     assert all(len(o.outputs[0].token_ids) == 40 for o in outs)
@@ -126,7 +111,7 @@ def test_preempted_request_recomputes_in_chunks_when_chunked_prefill_is_off(tmp_
 
 
 def test_mid_prefill_prompt_shrinks_its_chunk_instead_of_preempting(tmp_path):
-    llm = make_llm(tmp_path, blocks=9, max_num_batched_tokens=128, max_num_seqs=4)
+    llm = tiny_llm(tmp_path, blocks=9, max_num_batched_tokens=128, max_num_seqs=4)
     eng = llm.engine
     eng.add_request("a", [1] * 40, SamplingParams(max_tokens=60, ignore_eos=True))  # 100 tokens
     eng.step()
