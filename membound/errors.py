@@ -14,4 +14,19 @@ class ModelLoadError(MemboundError):
 
 
 class InvalidRequestError(MemboundError, ValueError):
-    """A single request is invalid; the engine keeps serving the others."""
+    """A single request is invalid; the engine keeps serving the others.
+
+    `param` names the offending field when there is one (the server reports it).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(MemboundError):
+    """Too many requests are already waiting; the caller should retry later."""
+
+
+class EngineDeadError(MemboundError):
+    """The engine is not running (still loading, failed, or shutting down)."""

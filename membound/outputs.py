@@ -39,7 +39,7 @@ class CompletionOutput:
 @dataclasses.dataclass
 class RequestOutput:
     """A request's state after a step. `outputs[0]` holds everything generated so far;
-    `delta_text` / `delta_token_ids` hold only what this step added (for streaming)."""
+    `delta_text` / `delta_token_ids` / `delta_logprobs` hold only what this step added (for streaming)."""
 
     request_id: str
     prompt: str | None
@@ -49,4 +49,5 @@ class RequestOutput:
     metrics: RequestMetrics
     delta_text: str = ""
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    delta_logprobs: list[TokenLogprob] | None = None
     error: str | None = None

@@ -44,7 +44,7 @@ class SamplingParams:
 
     def _check(self) -> None:
         def bad(name: str, allowed: str) -> InvalidRequestError:
-            return InvalidRequestError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+            return InvalidRequestError(f"{name} must be {allowed}, got {getattr(self, name)!r}", param=name)
 
         def number(name: str) -> float:
             v = getattr(self, name)
@@ -78,7 +78,9 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise InvalidRequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise InvalidRequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", param="min_tokens"
+            )
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):

@@ -37,6 +37,8 @@ class EngineStats:
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int  # of those, tokens whose KV was reused
     num_cached_blocks: int  # blocks whose content is indexed (held or free)
+    prompt_tokens_computed: int  # cumulative prefill tokens run through the model (recomputes included)
+    generation_tokens: int  # cumulative sampled tokens
 
 
 class LLMEngine:
@@ -93,6 +95,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, config.seed)
         self.requests: dict[str, Request] = {}
+        self._prompt_tokens_computed = 0
+        self._generation_tokens = 0
         log.info(
             "loaded %s (%s, %s) on %s in %.1fs; %s",
             source.name,
@@ -201,7 +205,10 @@ class LLMEngine:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
         result = self.runner.execute(sched)
-        return self._update(sched, result)
+        outputs = self._update(sched, result)
+        self._prompt_tokens_computed += sched.num_tokens - sched.num_decodes
+        self._generation_tokens += len(outputs)
+        return outputs
 
     def _update(self, sched: SchedulerOutput, result) -> list[RequestOutput]:
         outputs = []
@@ -225,14 +232,18 @@ class LLMEngine:
                 req.metrics.finished_time = now
                 self.scheduler.remove(req)
                 self.requests.pop(req.request_id, None)
-            outputs.append(self._output(req))
+            outputs.append(self.request_output(req))
         return outputs
 
-    def _output(self, req: Request) -> RequestOutput:
+    def request_output(self, req: Request) -> RequestOutput:
+        """The request's state now, with what changed since its last output as the deltas."""
         limit = req.stream_text_limit()
         delta_text = req.text[req.emitted_chars : limit]
         req.emitted_chars = limit
         delta_ids = req.output_token_ids[req.emitted_tokens :]
+        # Copies, not the live list: outputs may be read on another thread while the engine goes on.
+        logprobs = None if req.logprobs is None else list(req.logprobs)
+        delta_logprobs = None if logprobs is None else logprobs[req.emitted_tokens :]
         req.emitted_tokens = req.num_output_tokens
         return RequestOutput(
             request_id=req.request_id,
@@ -243,7 +254,7 @@ class LLMEngine:
                     index=0,
                     text=req.text,
                     token_ids=req.output_token_ids,
-                    logprobs=req.logprobs,
+                    logprobs=logprobs,
                     finish_reason=req.finish_reason,
                     stop_reason=req.stop_reason,
                 )
@@ -252,6 +263,7 @@ class LLMEngine:
             metrics=req.metrics,
             delta_text=delta_text,
             delta_token_ids=delta_ids,
+            delta_logprobs=delta_logprobs,
         )
 
     def stats(self) -> EngineStats:
@@ -265,6 +277,8 @@ class LLMEngine:
             prefix_cache_queries=self.scheduler.prefix_cache_queries,
             prefix_cache_hits=self.scheduler.prefix_cache_hits,
             num_cached_blocks=self.allocator.num_cached,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+            generation_tokens=self._generation_tokens,
         )
 
     def reset_prefix_cache(self) -> None:

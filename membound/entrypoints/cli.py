@@ -56,21 +56,41 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _engine(a: argparse.Namespace) -> LLMEngine:
-    return LLMEngine(
-        EngineConfig(
-            model=a.model,
-            dtype=a.dtype,
-            device=a.device,
-            max_model_len=a.max_model_len,
-            max_num_seqs=a.max_num_seqs,
-            max_num_batched_tokens=a.max_num_batched_tokens,
-            gpu_memory_utilization=a.gpu_memory_utilization,
-            kv_cache_memory_bytes=None if a.kv_cache_memory is None else a.kv_cache_memory << 20,
-            load_format=a.load_format,
-            seed=a.seed,
-            enable_prefix_caching=a.enable_prefix_caching,
-        )
+    return LLMEngine(_engine_config(a))
+
+
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=a.model,
+        dtype=a.dtype,
+        device=a.device,
+        max_model_len=a.max_model_len,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        kv_cache_memory_bytes=None if a.kv_cache_memory is None else a.kv_cache_memory << 20,
+        load_format=a.load_format,
+        seed=a.seed,
+        enable_prefix_caching=a.enable_prefix_caching,
     )
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from membound.server import ServerConfig, run
+
+    if a.model_tag is not None and a.model is not None and a.model_tag != a.model:
+        raise InvalidRequestError(f"two models given ({a.model_tag!r} and --model {a.model!r}); give one")
+    a.model = a.model_tag or a.model
+    server = ServerConfig(
+        host=a.host,
+        port=a.port,
+        served_model_names=tuple(a.served_model_name or ()),
+        api_key=a.api_key,
+        max_queued_requests=a.max_queued_requests,
+        log_interval=a.log_interval,
+        shutdown_timeout=a.shutdown_timeout,
+    )
+    return run(_engine_config(a), server)
 
 
 def _params(a: argparse.Namespace) -> SamplingParams:
@@ -190,6 +210,38 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(c)
     _sampling_args(c, max_tokens=512)
     c.set_defaults(func=cmd_chat)
+    s = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /metrics)",
+        description="Serve a model over an OpenAI-compatible API. Any OpenAI client works: "
+        "base_url=http://HOST:PORT/v1. Engine flags are named as in vLLM.",
+    )
+    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    _engine_args(s)
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
+    g.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use in the 'model' field; the first is reported (default: the model file name)",
+    )
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="waiting requests beyond this are refused with 429 and Retry-After (default 1024)",
+    )
+    g.add_argument("--log-interval", type=float, default=5.0, help="seconds between stats log lines while busy")
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may take to finish before they are aborted",
+    )
+    s.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,321 @@
+"""The engine on its own thread, and the asyncio side that talks to it.
+
+One thread owns the `LLMEngine` and nothing else touches it: it loads the model, then
+loops: take commands (add / abort) from a thread-safe queue, run one step, and hand the
+step's outputs to the event loop in one `call_soon_threadsafe`. The HTTP side never
+blocks on the engine, and every HTTP request shares the one continuous batch. Torch
+releases the GIL inside kernels, so the front's Python work overlaps the model's
+(benchmarks/cpu_serve.py measures the cost against the bare engine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from membound.engine.llm_engine import LLMEngine
+from membound.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from membound.outputs import RequestOutput
+from membound.sampling_params import SamplingParams
+from membound.server.metrics import ServerMetrics, StatsLogger
+
+log = logging.getLogger("membound.server")
+
+
+class EngineState(enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    DEAD = "dead"  # failed to load, or a step raised
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True)
+class SubRequest:
+    """One sequence to generate: an HTTP request with n choices or several prompts has several."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclasses.dataclass
+class _Add:
+    subs: list[SubRequest]
+    done: concurrent.futures.Future
+
+
+@dataclasses.dataclass
+class _Abort:
+    request_ids: list[str]
+
+
+_STOP = object()
+
+
+class OutputStream:
+    """Outputs of one group of sub-requests, in arrival order, until all have finished."""
+
+    def __init__(self, engine: AsyncEngine, ids: list[str], q: asyncio.Queue) -> None:
+        self._engine, self._q = engine, q
+        self.pending = set(ids)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while self.pending:
+                item = await self._q.get()
+                if isinstance(item, BaseException):
+                    self.pending.clear()
+                    raise item
+                if item.finished:
+                    self.pending.discard(item.request_id)
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Abort what has not finished (no-op once everything has)."""
+        if self.pending:
+            ids, self.pending = list(self.pending), set()
+            self._engine._forget(ids)
+            self._engine._abort_ids(ids)
+
+
+class AsyncEngine:
+    """Start with `start(loop)`; then `generate(...)` from coroutines on that loop."""
+
+    def __init__(
+        self,
+        make_engine: Callable[[], LLMEngine],
+        max_queued_requests: int,
+        metrics: ServerMetrics | None = None,
+        log_interval: float = 5.0,
+        idle_poll: float = 0.5,
+    ) -> None:
+        self._make_engine = make_engine
+        self.max_queued_requests = max_queued_requests
+        self.metrics = metrics
+        self._stats_logger = StatsLogger(log_interval)
+        self._idle_poll = idle_poll
+        self._commands: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # orders state changes against command submission
+        self._state = EngineState.LOADING
+        self.error: str | None = None
+        self.engine: LLMEngine | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        # Event-loop side only: request id -> the queue its outputs go to.
+        self._queues: dict[str, asyncio.Queue] = {}
+        self.on_dead: Callable[[], None] | None = None  # called on the loop when the engine dies
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="membound-engine", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (either way); True if the engine is ready."""
+        self._ready.wait(timeout)
+        return self._state is EngineState.READY
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abort what is left, stop the thread. Safe to call more than once."""
+        with self._lock:
+            if self._state in (EngineState.READY, EngineState.LOADING):
+                self._state = EngineState.STOPPED
+        self._commands.put(_STOP)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ event-loop side
+
+    async def add(self, subs: list[SubRequest]) -> OutputStream:
+        """Queue `subs` (all or none) and return the stream of their outputs.
+
+        Raises QueueFullError / InvalidRequestError / EngineDeadError with nothing queued.
+        The caller must iterate the stream to the end or `close()` it: closing aborts
+        whatever has not finished, which frees its KV blocks.
+        """
+        q: asyncio.Queue = asyncio.Queue()
+        ids = [s.request_id for s in subs]
+        for rid in ids:
+            self._queues[rid] = q
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            self._submit(_Add(subs, done))
+            await asyncio.wrap_future(done)
+        except BaseException:
+            self._forget(ids)
+            if not done.done():  # cancelled while queued: make sure nothing stays behind
+                self._abort_ids(ids)
+            raise
+        return OutputStream(self, ids, q)
+
+    def _submit(self, command: _Add | _Abort) -> None:
+        with self._lock:
+            if self._state is not EngineState.READY:
+                raise EngineDeadError(self._unavailable_message())
+            self._commands.put(command)
+
+    def _abort_ids(self, ids: list[str]) -> None:
+        with self._lock:
+            if self._state is EngineState.READY:
+                self._commands.put(_Abort(ids))
+
+    def _forget(self, ids: list[str]) -> None:
+        for rid in ids:
+            self._queues.pop(rid, None)
+
+    def _unavailable_message(self) -> str:
+        if self._state is EngineState.LOADING:
+            return "the model is still loading; retry shortly"
+        if self._state is EngineState.STOPPED:
+            return "the server is shutting down"
+        return f"the engine is not running: {self.error}"
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            q = self._queues.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+                if out.finished:
+                    del self._queues[out.request_id]
+
+    def _fail_all(self, message: str) -> None:
+        queues, self._queues = self._queues, {}
+        for q in {id(q): q for q in queues.values()}.values():
+            q.put_nowait(EngineDeadError(message))
+        if self.on_dead is not None:
+            self.on_dead()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        try:
+            engine = self._make_engine()
+            self.engine = engine
+        except BaseException as e:  # noqa: BLE001 - any load failure must reach /health and the log
+            log.exception("loading the model failed")
+            self._die(f"loading the model failed: {e}")
+            self._ready.set()
+            return
+        with self._lock:
+            if self._state is EngineState.LOADING:
+                self._state = EngineState.READY
+        self._ready.set()
+        log.info("engine ready")
+        try:
+            self._loop_forever(engine)
+        except BaseException as e:  # noqa: BLE001 - a bug in a step: fail requests loudly, don't hang them
+            log.exception("the engine loop failed")
+            self._die(f"{type(e).__name__}: {e}")
+            return
+        # Stopped: abort everything still in flight so every waiter gets its final output.
+        self._drain_commands(engine, block=False)
+        for rid in list(engine.requests):
+            self._abort(engine, rid)
+
+    def _loop_forever(self, engine: LLMEngine) -> None:
+        while True:
+            if not self._drain_commands(engine, block=not engine.has_unfinished_requests()):
+                return
+            if engine.has_unfinished_requests():
+                outputs = engine.step()
+                now = time.time()
+                if outputs:
+                    if self.metrics is not None:
+                        self.metrics.on_outputs(outputs, now)
+                    self._to_loop(self._deliver, outputs)
+            self._after_step(engine)
+
+    def _after_step(self, engine: LLMEngine) -> None:
+        stats = engine.stats()
+        if self.metrics is not None:
+            self.metrics.on_stats(stats)
+        self._stats_logger.maybe_log(stats)
+
+    def _drain_commands(self, engine: LLMEngine, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        try:
+            cmd = self._commands.get(timeout=self._idle_poll) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return self._state is EngineState.READY
+        while True:
+            if cmd is _STOP:
+                return False
+            if isinstance(cmd, _Add):
+                self._add(engine, cmd)
+            else:
+                for rid in cmd.request_ids:
+                    self._abort(engine, rid)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, engine: LLMEngine, cmd: _Add) -> None:
+        if not cmd.done.set_running_or_notify_cancel():
+            return
+        waiting = len(engine.scheduler.waiting)
+        if waiting + len(cmd.subs) > self.max_queued_requests:
+            cmd.done.set_exception(
+                QueueFullError(
+                    f"the server is at capacity: {waiting} requests are waiting "
+                    f"(--max-queued-requests {self.max_queued_requests}); retry later"
+                )
+            )
+            return
+        added = []
+        try:
+            for s in cmd.subs:
+                engine.add_request(s.request_id, s.prompt_token_ids, s.params, s.arrival_time)
+                added.append(s.request_id)
+        except BaseException as e:  # noqa: BLE001 - the error goes back to the HTTP request that sent it
+            for rid in added:
+                engine.abort_request(rid)
+            cmd.done.set_exception(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
+            return
+        cmd.done.set_result(None)
+
+    def _abort(self, engine: LLMEngine, request_id: str) -> None:
+        req = engine.requests.get(request_id)
+        if req is not None and engine.abort_request(request_id):
+            if self.metrics is not None:
+                self.metrics.on_abort(request_id, req.metrics, time.time())
+            out = engine.request_output(req)  # the final, aborted state, for a waiter still listening
+            self._to_loop(self._deliver, [out])
+
+    def _die(self, message: str) -> None:
+        with self._lock:
+            self._state = EngineState.DEAD
+            self.error = message
+        # Adds that slipped in before the state changed would otherwise wait forever.
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add) and cmd.done.set_running_or_notify_cancel():
+                cmd.done.set_exception(EngineDeadError(message))
+        self._to_loop(self._fail_all, message)
+
+    def _to_loop(self, fn: Callable, arg) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the event loop has closed: nobody is left to tell
+            pass
