@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
-from membound.errors import InvalidRequestError, MemboundError
+from membound.errors import ConfigError, InvalidRequestError, MemboundError
 from membound.outputs import RequestOutput
 from membound.sampling_params import SamplingParams
 
@@ -79,7 +79,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from membound.server import ServerConfig, run
 
     if a.model_tag is not None and a.model is not None and a.model_tag != a.model:
-        raise InvalidRequestError(f"two models given ({a.model_tag!r} and --model {a.model!r}); give one")
+        raise ConfigError(f"two models given ({a.model_tag!r} and --model {a.model!r}); give one")
     a.model = a.model_tag or a.model
     server = ServerConfig(
         host=a.host,
