@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -91,6 +94,61 @@ def cmd_serve(a: argparse.Namespace) -> int:
         shutdown_timeout=a.shutdown_timeout,
     )
     return run(_engine_config(a), server)
+
+
+def _local_device_spec(cpu: bool = False):
+    """The GPU here (from the table, else from torch + a measurement), or the CPU, measured."""
+    import torch
+
+    from membound.plan.ceilings import measure
+    from membound.plan.gpus import GPUSpec, match_device_name
+
+    if torch.cuda.is_available() and not cpu:
+        name = torch.cuda.get_device_name(0)
+        spec = match_device_name(name)
+        if spec is not None:
+            return spec
+        c = measure("cuda", quick=True)
+        total = torch.cuda.get_device_properties(0).total_memory
+        return GPUSpec(f"{name} (measured)", total / 2**30, c.copy_bandwidth_gbs, c.matmul_tflops, None, 0)
+    c = measure("cpu", quick=True)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return GPUSpec(
+        f"CPU (measured, {os.cpu_count()} cores)", ram / 2**30, c.copy_bandwidth_gbs, c.matmul_tflops, None, 0
+    )
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from membound.plan.gpus import get_gpu
+    from membound.plan.planner import load_shape, make_plan, render
+
+    shape = load_shape(a.model, a.weights)
+    spec = _local_device_spec(cpu=a.gpu == "cpu") if a.gpu in ("auto", "cpu") else get_gpu(a.gpu)
+    context = a.context or min(shape.config.max_position_embeddings, 8192)
+    plan = make_plan(
+        shape,
+        spec,
+        context,
+        a.concurrency,
+        kv_dtype=a.kv_dtype,
+        gpu_memory_utilization=a.gpu_memory_utilization,
+        overhead_bytes=int(a.overhead_gib * 2**30),
+    )
+    print(json.dumps(plan.to_dict(), indent=2) if a.json else render(plan, shape))
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from membound.plan import doctor
+
+    checks = doctor.run(a.model, context=a.context, decode=not a.no_decode)
+    if a.json:
+        print(
+            json.dumps({"checks": [dataclasses.asdict(c) for c in checks], "verdict": doctor.worst(checks)}, indent=2)
+        )
+    else:
+        print(doctor.render(checks))
+    return 0
 
 
 def _params(a: argparse.Namespace) -> SamplingParams:
@@ -242,6 +300,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds in-flight requests may take to finish before they are aborted",
     )
     s.set_defaults(func=cmd_serve)
+    pl = sub.add_parser(
+        "plan",
+        help="what fits on a GPU and how fast decode can be (arithmetic, no GPU needed)",
+        description="Weights, KV cache per token (GQA-aware), fit and headroom at a context and concurrency, "
+        "decode tok/s bounds (bandwidth incl. KV reads vs compute) for batch 1..256, prefill estimate.",
+    )
+    pl.add_argument("model", nargs="?", default=None, help="preset name, GGUF file (header only) or HF folder")
+    pl.add_argument("--gpu", default="auto", help="a GPU from the table (e.g. h100-sxm, rtx-4090), auto, or cpu")
+    pl.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model max, 8192))")
+    pl.add_argument("--concurrency", type=int, default=1, help="sequences held at once")
+    pl.add_argument(
+        "--weights",
+        default=None,
+        help="bf16, fp16, fp8, int8, int4 or a GGUF type (Q8_0, Q4_K, ...); default: as stored",
+    )
+    pl.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8 or int8")
+    pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    pl.add_argument("--overhead-gib", type=float, default=1.0, help="CUDA context, activations, graphs (default 1)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
+    d = sub.add_parser("doctor", help="why is it slow? checks the GPU, drivers, clocks, fit and a real decode")
+    d.add_argument("model", nargs="?", default=None, help="model to check (default: the embedded SmolLM2)")
+    d.add_argument("--context", type=int, default=4096, help="context the fit check assumes")
+    d.add_argument("--no-decode", action="store_true", help="skip loading the model for a short decode")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
     return parser
 
 
