@@ -17,6 +17,10 @@ from membound.engine.llm_engine import LLMEngine
 
 DATA = pathlib.Path(__file__).parent / "data"
 
+# Without a GPU, Triton kernels run in its interpreter (set before triton is first imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Tests start from a cold cache (the GGUF tokenizer conversion runs once per session).
 os.environ["MEMBOUND_CACHE"] = tempfile.mkdtemp(prefix="membound-test-cache-")
 

@@ -1,0 +1,196 @@
+"""Paged decode attention in Triton, split along the KV length (flash-decoding), GQA-aware.
+
+One program handles one (sequence, KV head, split): it loads the query heads that share
+that KV head as one [G, D] tile, so each KV block is read once for all of them, walks its
+share of the sequence's pages through the block table with an online softmax, and writes
+a partial output and its log-sum-exp. A second kernel merges the splits. Splitting lets a
+single long sequence use many SMs. The PyTorch reference is
+`membound.attention.torch_paged.decode_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # [B, H, D]
+    k_cache_ptr,  # [KVH, num_blocks, block_size, D]
+    v_cache_ptr,
+    block_tables_ptr,  # [B, max_blocks] int32
+    seq_lens_ptr,  # [B] int32
+    part_out_ptr,  # [B, H, S, D] fp32
+    part_lse_ptr,  # [B, H, S] fp32
+    scale,
+    window,  # sliding window (tokens) or 0 for none
+    pages_per_split,
+    stride_qb,
+    stride_qh,
+    stride_kh,
+    stride_kb,
+    stride_kt,
+    stride_bt,
+    GROUP: tl.constexpr,  # query heads per KV head
+    BLOCK_G: tl.constexpr,  # GROUP padded (>= 16 so tl.dot has a legal shape on GPUs)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,  # tokens per KV block
+    NUM_SPLITS: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    t = tl.arange(0, PAGE)
+    heads = kvh * GROUP + g
+    g_ok = g < GROUP
+    d_ok = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=g_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+
+    first_valid = 0
+    if window > 0:
+        first_valid = tl.maximum(seq_len - window, 0)
+    num_pages = tl.cdiv(seq_len, PAGE)
+    start = tl.maximum(split * pages_per_split, first_valid // PAGE)
+    stop = tl.minimum((split + 1) * pages_per_split, num_pages)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    kv_base = kvh * stride_kh
+    for page in range(start, stop):
+        block = tl.load(block_tables_ptr + b * stride_bt + page)
+        pos = page * PAGE + t
+        offs = kv_base + block * stride_kb + t[:, None] * stride_kt + d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # [G, PAGE]
+        valid = (pos < seq_len) & (pos >= first_valid)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)).to(tl.float32)
+        m_i = m_new
+
+    has = l_i > 0
+    out = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    part = (b * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + part, lse, mask=g_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr,  # [B * H, S, D]
+    part_lse_ptr,  # [B * H, S]
+    out_ptr,  # [B, H, D]
+    stride_ob,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * H + h
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < NUM_SPLITS
+    d_ok = d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(s_ok, tl.exp(lse - m), 0.0)
+    o = tl.load(
+        part_out_ptr + (row * NUM_SPLITS + s)[:, None] * HEAD_DIM + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    b = row // NUM_HEADS
+    h = row % NUM_HEADS
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_pages: int, target_programs: int = 256) -> int:
+    """Enough splits that batch x KV heads x splits fills the GPU, never more than the pages."""
+    return max(1, min(max_pages, math.ceil(target_programs / max(1, batch * num_kv_heads))))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32 (each >= 1)
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    b, h, d = q.shape
+    kvh, _, page, _ = k_cache.shape
+    if h % kvh:
+        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
+    if page & (page - 1):
+        raise ValueError(f"block_size must be a power of two for the Triton kernel, got {page}")
+    q = q.contiguous()
+    max_pages = block_tables.shape[1]
+    splits = num_splits or choose_num_splits(b, kvh, max_pages)
+    pages_per_split = math.ceil(max_pages / splits)
+    splits = math.ceil(max_pages / pages_per_split)  # no split left with nothing to do by design
+    group = h // kvh
+    part_out = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(d)
+    _decode_split_kernel[(b, kvh, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        part_out,
+        part_lse,
+        scale,
+        sliding_window or 0,
+        pages_per_split,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        PAGE=page,
+        NUM_SPLITS=splits,
+    )
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(b * h,)](
+        part_out,
+        part_lse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_HEADS=h,
+        HEAD_DIM=d,
+        BLOCK_D=block_d,
+        NUM_SPLITS=splits,
+        BLOCK_S=triton.next_power_of_2(splits),
+    )
+    return out
