@@ -73,3 +73,63 @@ def test_decode_attention_bf16_real_sizes_on_gpu(group):
     got = paged_decode_attention(q, k_cache, v_cache, table, lens, 128**-0.5)
     want = decode_attention(q.float(), k_cache.float(), v_cache.float(), table, lens, 128**-0.5, None)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------- fused elementwise kernels
+
+from membound.kernels.fused import (  # noqa: E402
+    add_rmsnorm,
+    add_rmsnorm_ref,
+    rope_write_kv,
+    rope_write_kv_ref,
+    silu_and_mul,
+    silu_and_mul_ref,
+)
+
+
+def _tol(dtype):
+    return dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 64), (7, 96), (5, 576)])
+def test_add_rmsnorm(dtype, rows, hidden):
+    gen = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype).to(DEVICE)
+    res = torch.randn(rows, hidden, generator=gen).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    for r in (res, None):
+        got, got_res = add_rmsnorm(x, r, w, 1e-5)
+        want, want_res = add_rmsnorm_ref(x, r, w, 1e-5)
+        torch.testing.assert_close(got_res, want_res, atol=0, rtol=0)  # the residual sum is exact
+        torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("rows", "inter"), [(1, 64), (3, 1536), (4, 1100)])
+def test_silu_and_mul(dtype, rows, inter):
+    gen = torch.Generator().manual_seed(inter)
+    gu = (3 * torch.randn(rows, 2 * inter, generator=gen)).to(dtype).to(DEVICE)
+    torch.testing.assert_close(silu_and_mul(gu), silu_and_mul_ref(gu), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 16), (9, 3, 64), (8, 1, 40)])
+def test_rope_and_kv_write(dtype, heads, kv_heads, d):
+    gen = torch.Generator().manual_seed(heads * d)
+    t, blocks, bs, max_pos = 11, 6, 4, 64
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)  # strided views, as in the model
+    q, k, v = q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(max_pos).float(), inv_freq)
+    cos, sin = freqs.cos().to(DEVICE), freqs.sin().to(DEVICE)
+    positions = torch.randint(0, max_pos, (t,), generator=gen).to(DEVICE)
+    slots = torch.randperm(blocks * bs, generator=gen)[:t].to(DEVICE)
+    cache = torch.randn(2, kv_heads, blocks, bs, d, generator=gen).to(dtype).to(DEVICE)
+    caches = [cache.clone(), cache.clone()]
+    got_q = rope_write_kv(q, k, v, cos, sin, positions, caches[0][0], caches[0][1], slots)
+    want_q = rope_write_kv_ref(q, k, v, cos, sin, positions, caches[1][0], caches[1][1], slots)
+    torch.testing.assert_close(got_q, want_q, **_tol(dtype))
+    torch.testing.assert_close(caches[0], caches[1], **_tol(dtype))  # same slots written, others untouched
+    assert not torch.equal(caches[0], cache)

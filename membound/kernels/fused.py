@@ -1,0 +1,161 @@
+"""Fused elementwise kernels: residual-add + RMSNorm, SiLU-and-mul, RoPE + KV-cache write.
+
+Each saves round trips through memory that the unfused PyTorch ops make (the add writes a
+tensor the norm reads back; gate and up are read, `silu(gate)` written and read again; the
+rotated K is written then copied into the cache). The `*_ref` functions are the PyTorch
+references they are tested against, with the same rounding points as the model's code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------- residual add + RMSNorm
+
+
+def add_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual): residual = x + residual in x's dtype, then RMSNorm in fp32."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype), h
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0)
+    if HAS_RES:
+        # Round the sum to the run dtype first, as `x + residual` in PyTorch does.
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * n_cols + cols, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+    y = (xf * inv).to(x.dtype).to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x2 = x.contiguous().view(-1, x.shape[-1])
+    rows, n = x2.shape
+    out = torch.empty_like(x2, dtype=torch.result_type(x2, weight))
+    res_out = torch.empty_like(x2) if residual is not None else x2
+    res = residual.contiguous().view(-1, n) if residual is not None else x2
+    _add_rmsnorm_kernel[(rows,)](
+        x2, res, weight, out, res_out, n, eps, HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(n)
+    )
+    return out.view(x.shape), res_out.view(x.shape)
+
+
+# ---------------------------------------------------------------------- SiLU and mul
+
+
+def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@triton.jit
+def _silu_and_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = col < n
+    gate = tl.load(gu_ptr + row * 2 * n + col, mask=ok, other=0.0)
+    up = tl.load(gu_ptr + row * 2 * n + n + col, mask=ok, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # PyTorch rounds silu's result before the multiply
+    tl.store(out_ptr + row * n + col, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=ok)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gu = gate_up.contiguous().view(-1, gate_up.shape[-1])
+    rows, n2 = gu.shape
+    n = n2 // 2
+    out = torch.empty(rows, n, dtype=gu.dtype, device=gu.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gu, out, n, BLOCK=block)
+    return out.view(*gate_up.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------- RoPE + KV-cache write
+
+
+def rope_write_kv_ref(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """Rotate q and k (neox halves) at `positions`, write k and v to their cache slots; return rotated q."""
+    from membound.attention.torch_paged import write_kv
+    from membound.model.llama import apply_rope
+
+    cos = cos_table[positions][:, None, :].to(q.dtype)
+    sin = sin_table[positions][:, None, :].to(q.dtype)
+    write_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping)
+    return apply_rope(q, cos, sin)
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+    stride_qt, stride_kt, stride_vt, stride_ch, stride_cs,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t)
+    i = tl.arange(0, BLOCK_HALF)
+    h = tl.arange(0, BLOCK_H)
+    i_ok = i < HALF
+    cos = tl.load(cos_ptr + pos * HALF + i, mask=i_ok, other=0.0)
+    sin = tl.load(sin_ptr + pos * HALF + i, mask=i_ok, other=0.0)
+
+    # q: [H, D] as two halves; the model rounds cos/sin to the run dtype before multiplying.
+    qm = (h[:, None] < NUM_HEADS) & i_ok[None, :]
+    q1 = tl.load(q_ptr + t * stride_qt + h[:, None] * 2 * HALF + i[None, :], mask=qm, other=0.0)
+    q2 = tl.load(q_ptr + t * stride_qt + h[:, None] * 2 * HALF + HALF + i[None, :], mask=qm, other=0.0)
+    c = cos.to(q1.dtype).to(tl.float32)[None, :]
+    s = sin.to(q1.dtype).to(tl.float32)[None, :]
+    q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+    base = q_out_ptr + t * NUM_HEADS * 2 * HALF + h[:, None] * 2 * HALF + i[None, :]
+    tl.store(base, (q1f * c - q2f * s).to(q1.dtype), mask=qm)
+    tl.store(base + HALF, (q2f * c + q1f * s).to(q1.dtype), mask=qm)
+
+    km = (h[:, None] < NUM_KV_HEADS) & i_ok[None, :]
+    k1 = tl.load(k_ptr + t * stride_kt + h[:, None] * 2 * HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
+    k2 = tl.load(k_ptr + t * stride_kt + h[:, None] * 2 * HALF + HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
+    dst = h[:, None] * stride_ch + slot * stride_cs + i[None, :]
+    kd = k_cache_ptr.dtype.element_ty
+    tl.store(k_cache_ptr + dst, (k1 * c - k2 * s).to(q1.dtype).to(kd), mask=km)
+    tl.store(k_cache_ptr + dst + HALF, (k2 * c + k1 * s).to(q1.dtype).to(kd), mask=km)
+    v1 = tl.load(v_ptr + t * stride_vt + h[:, None] * 2 * HALF + i[None, :], mask=km, other=0.0)
+    v2 = tl.load(v_ptr + t * stride_vt + h[:, None] * 2 * HALF + HALF + i[None, :], mask=km, other=0.0)
+    tl.store(v_cache_ptr + dst, v1.to(kd), mask=km)
+    tl.store(v_cache_ptr + dst + HALF, v2.to(kd), mask=km)
+
+
+def rope_write_kv(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """q, k, v: [T, heads, D] (views of the fused qkv output are fine: rows may be strided)."""
+    t, h, d = q.shape
+    kvh = k.shape[1]
+    half = d // 2
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(2) != 1 or x.stride(1) != d:
+            raise ValueError(f"{name} must have contiguous heads ([T, heads, D] rows), got strides {x.stride()}")
+    q_out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    # Slots index the flattened [blocks * block_size] axis of each head's cache.
+    _rope_write_kv_kernel[(t,)](
+        q, k, v, cos_table, sin_table, positions, slot_mapping, q_out, k_cache, v_cache,
+        q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(2),
+        NUM_HEADS=h, NUM_KV_HEADS=kvh, HALF=half,
+        BLOCK_H=triton.next_power_of_2(max(h, kvh)), BLOCK_HALF=triton.next_power_of_2(half),
+    )  # fmt: skip
+    return q_out
