@@ -133,3 +133,67 @@ def test_rope_and_kv_write(dtype, heads, kv_heads, d):
     torch.testing.assert_close(got_q, want_q, **_tol(dtype))
     torch.testing.assert_close(caches[0], caches[1], **_tol(dtype))  # same slots written, others untouched
     assert not torch.equal(caches[0], cache)
+
+
+# ---------------------------------------------------------------------- prefill / extend attention
+
+from membound.attention.torch_paged import prefill_attention  # noqa: E402
+from membound.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+
+
+def _check_prefill(q_lens, cached, heads, kv_heads, d, dtype, block_size=16, window=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + n for c, n in zip(cached, q_lens, strict=True)]
+    k_cache, v_cache, table = _paged_cache(kv_heads, seq_lens, block_size, d, dtype, gen)
+    q = torch.randn(sum(q_lens), heads, d, generator=gen).to(dtype).to(DEVICE)
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    qsl = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    scale = d**-0.5
+    got = paged_prefill_attention(q, k_cache, v_cache, table, lens, qsl, max(q_lens), scale, window)
+    want = torch.cat(
+        [
+            prefill_attention(
+                q[starts[i] : starts[i + 1]].float(), k_cache.float(), v_cache.float(), table[i], seq_lens[i],
+                scale, window,
+            )
+            for i in range(len(q_lens))
+        ]
+    )  # fmt: skip
+    tol = 2e-3 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_attention_ragged_batch_over_cached_prefixes(group, dtype):
+    # Fresh prompts and extends over cached prefixes, lengths across block and BLOCK_M boundaries.
+    _check_prefill([5, 16, 33, 1], [0, 16, 7, 40], heads=2 * group, kv_heads=2, d=32, dtype=dtype, seed=group)
+
+
+def test_prefill_attention_sliding_window_odd_head_dim_small_blocks():
+    _check_prefill([30, 9], [10, 25], heads=6, kv_heads=3, d=24, dtype=torch.float32, block_size=8, window=12)
+
+
+@pytest.mark.gpu
+def test_prefill_attention_bf16_real_sizes_on_gpu():
+    gen = torch.Generator().manual_seed(0)
+    q_lens, cached = [512, 1000, 77], [0, 3000, 16]
+    seq_lens = [c + n for c, n in zip(cached, q_lens, strict=True)]
+    k_cache, v_cache, table = _paged_cache(8, seq_lens, 16, 128, torch.bfloat16, gen)
+    q = torch.randn(sum(q_lens), 32, 128, generator=gen).to(torch.bfloat16).to(DEVICE)
+    starts = [0, 512, 1512, 1589]
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    got = paged_prefill_attention(
+        q, k_cache, v_cache, table, lens, torch.tensor(starts, dtype=torch.int32, device=DEVICE), 1000, 128**-0.5
+    )
+    want = torch.cat(
+        [
+            prefill_attention(q[starts[i] : starts[i + 1]].float(), k_cache.float(), v_cache.float(), table[i],
+                              seq_lens[i], 128**-0.5, None)
+            for i in range(3)
+        ]
+    )  # fmt: skip
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
