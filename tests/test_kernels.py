@@ -197,3 +197,41 @@ def test_prefill_attention_bf16_real_sizes_on_gpu():
         ]
     )  # fmt: skip
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------------- the whole model on the Triton backend
+
+
+def test_whole_model_triton_backend_matches_torch_backend(tmp_path):
+    """Greedy tokens and logprobs through chunked prefill, prefix hits and batched decodes."""
+    from membound import LLM, SamplingParams
+    from tests.conftest import save_tiny_hf_model
+
+    save_tiny_hf_model(tmp_path, "llama")
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate([3, 20, 37, 20])]
+    prompts[3][:16] = prompts[1][:16]  # a full shared block: a prefix-cache hit
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    outs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(
+            str(tmp_path), attention_backend=backend, skip_tokenizer_init=True, max_model_len=128,
+            max_num_batched_tokens=32, max_num_seqs=4, kv_cache_memory_bytes=1 << 20,
+        )  # fmt: skip
+        assert llm.engine.backend.name == backend
+        outs[backend] = llm.generate(prompts, params) + llm.generate([prompts[3]], params)
+        assert llm.engine.stats().prefix_cache_hits >= 16  # the second call extends a cached prefix
+    for a, b in zip(outs["torch"], outs["triton"], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        la = torch.tensor([lp.logprob for lp in a.outputs[0].logprobs])
+        lb = torch.tensor([lp.logprob for lp in b.outputs[0].logprobs])
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_selection():
+    from membound.attention import get_backend
+    from membound.errors import ConfigError
+
+    assert get_backend("auto", torch.device("cpu")).name == "torch"
+    assert get_backend("auto", torch.device("cuda")).name == "triton"  # chosen, not run
+    with pytest.raises(ConfigError, match="unknown attention backend 'flash'"):
+        get_backend("flash")

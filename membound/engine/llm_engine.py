@@ -48,7 +48,9 @@ class LLMEngine:
         self.dtype = config.torch_dtype(self.device)
         source = resolve_model(config.model, config.load_format)
         t0 = time.perf_counter()
-        self.backend = get_backend(config.attention_backend)
+        self.backend = get_backend(config.attention_backend, self.device)
+        if self.backend.name == "triton" and config.block_size & (config.block_size - 1):
+            raise ConfigError(f"the Triton attention kernels need a power-of-two block_size, got {config.block_size}")
         gguf = open_gguf(source)
         mc = load_config(source, gguf)
         self.max_model_len = config.max_model_len or mc.max_position_embeddings

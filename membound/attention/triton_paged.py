@@ -1,0 +1,56 @@
+"""Paged attention with the Triton kernels: the CUDA fast path.
+
+Decodes go through the split-KV decode kernel in one launch, all prefill/extend chunks
+through the varlen prefill kernel in another; K/V are written into the cache first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from membound.attention.base import AttentionMetadata
+from membound.attention.torch_paged import write_kv
+
+
+class TritonPagedAttention:
+    name = "triton"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        from membound.kernels.decode_attention import paged_decode_attention
+        from membound.kernels.prefill_attention import paged_prefill_attention
+
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd, starts = meta.num_decodes, meta.query_start_loc_host
+        parts = []
+        if nd:
+            parts.append(
+                paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, sliding_window
+                )
+            )
+        if nd < meta.num_seqs:
+            q_lens = [starts[i + 1] - starts[i] for i in range(nd, meta.num_seqs)]
+            parts.append(
+                paged_prefill_attention(
+                    q[starts[nd] :],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[nd:],
+                    meta.seq_lens[nd:],
+                    meta.query_start_loc[nd:] - starts[nd],
+                    max(q_lens),
+                    scale,
+                    sliding_window,
+                )
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
