@@ -22,40 +22,11 @@ import torch
 import transformers
 
 from membound import LLM, SamplingParams
+from membound.bench import hf as bench_hf
 
 
 def hf_twin(llm: LLM) -> transformers.LlamaForCausalLM:
-    """A transformers Llama holding membound's weights (fused projections split back)."""
-    cfg = llm.engine.model_config
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
-    hf = transformers.LlamaForCausalLM(hf_cfg).float().eval()
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    sd = {}
-    for name, p in llm.engine.model.named_parameters():
-        if "qkv_proj" in name:
-            for part, t in zip(("q_proj", "k_proj", "v_proj"), p.split([q, kv, kv]), strict=True):
-                sd["model." + name.replace("qkv_proj", part)] = t
-        elif "gate_up_proj" in name:
-            for part, t in zip(("gate_proj", "up_proj"), p.chunk(2), strict=True):
-                sd["model." + name.replace("gate_up_proj", part)] = t
-        else:
-            sd["model." + name] = p
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected and all("lm_head" in m or "rotary" in m for m in missing), (missing, unexpected)
-    hf.tie_weights()
-    return hf
+    return bench_hf.hf_twin(llm.engine)
 
 
 def time_membound(llm: LLM, prompts: list[list[int]], n: int) -> float:

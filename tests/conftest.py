@@ -14,6 +14,8 @@ from membound import LLM
 from membound.attention.base import AttentionMetadata
 from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_needed
 from membound.engine.llm_engine import LLMEngine
+from membound.model.registry import default_model_path
+from membound.model.tokenizer import Tokenizer
 
 DATA = pathlib.Path(__file__).parent / "data"
 
@@ -127,6 +129,16 @@ def full_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     )
     hidden = engine.model(torch.tensor(ids), torch.arange(n), caches, meta)
     return engine.model.compute_logits(hidden)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's vocab, tokenizer and chat template."""
+    path = tmp_path_factory.mktemp("tiny-smol")
+    tok = Tokenizer.from_model_path(str(default_model_path()))
+    save_tiny_hf_model(path, "llama", vocab_size=len(tok.hf), max_position_embeddings=512)
+    tok.hf.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -14,22 +14,9 @@ import httpx
 import openai
 import pytest
 
-from membound.model.registry import default_model_path
-from membound.model.tokenizer import Tokenizer
-from tests.conftest import save_tiny_hf_model
 from tests.server_utils import ServerProcess
 
 KEY = "sk-test"
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer random Llama with SmolLM2's vocab, tokenizer and chat template."""
-    path = tmp_path_factory.mktemp("tiny-smol")
-    tok = Tokenizer.from_model_path(str(default_model_path()))
-    save_tiny_hf_model(path, "llama", vocab_size=len(tok.hf), max_position_embeddings=512)
-    tok.hf.save_pretrained(path)
-    return path
 
 
 def _tiny_args(model_dir, *extra: str) -> list[str]:

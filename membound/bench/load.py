@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import random
 import statistics
 import time
 
@@ -79,7 +80,7 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestRecord:
                 if chunk.get("usage"):
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     rec.completion_tokens = chunk["usage"]["completion_tokens"]
-                if chunk["choices"] and chunk["choices"][0].get("text"):
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
                     now = time.perf_counter()
                     if last is None:
                         rec.ttft = now - t0
@@ -90,16 +91,28 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestRecord:
         rec.error = f"{type(e).__name__}: {e}"
         return rec
     rec.e2e = time.perf_counter() - t0
+    if not rec.completion_tokens:  # a server without include_usage: count content chunks
+        rec.completion_tokens = len(rec.itl) + (1 if last is not None else 0)
     rec.ok = True
     return rec
 
 
-async def run_load(base_url: str, bodies: list[dict], concurrency: int, api_key: str | None = None) -> LoadResult:
-    """Send every body to /v1/completions (streamed, with usage), at most `concurrency` at a time."""
+async def run_load(
+    base_url: str,
+    bodies: list[dict],
+    concurrency: int | None,
+    api_key: str | None = None,
+    request_rate: float | None = None,
+    seed: int = 0,
+) -> LoadResult:
+    """Send every body to /v1/completions (streamed, with usage), at most `concurrency` at a time
+    (None: no limit); with `request_rate`, requests start at Poisson arrival times."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    sem = asyncio.Semaphore(concurrency)
+    width = concurrency or len(bodies) or 1
+    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
+    sem = asyncio.Semaphore(width)
     extra = {"stream_options": {"include_usage": True}}
+    rng = random.Random(seed)
 
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=600, limits=limits) as client:
 
@@ -108,6 +121,11 @@ async def run_load(base_url: str, bodies: list[dict], concurrency: int, api_key:
                 return await _one(client, {**body, **extra})
 
         t0 = time.perf_counter()
-        records = await asyncio.gather(*(guarded(b) for b in bodies))
+        tasks = []
+        for b in bodies:
+            if request_rate:
+                await asyncio.sleep(rng.expovariate(request_rate))
+            tasks.append(asyncio.ensure_future(guarded(b)))
+        records = await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
-    return LoadResult(concurrency, duration, list(records))
+    return LoadResult(concurrency or 0, duration, list(records))

@@ -326,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-decode", action="store_true", help="skip loading the model for a short decode")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
+    from membound.bench.cli import add_bench_parser
+
+    add_bench_parser(sub, _engine_args, _engine_config)
     return parser
 
 
