@@ -18,6 +18,13 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py tests/test_ke
 tests_rc=${PIPESTATUS[0]}
 python3 benchmarks/gpu_decode.py --output "$out/gpu_decode_$day.json" 2>&1 | tee "$out/gpu_decode_$day.log"
 bench_rc=${PIPESTATUS[0]}
+for m in llama-3-8b smollm2-135m; do
+  python3 -m membound.entrypoints.cli bench latency "$m" --load-format dummy --prompt-lens 512,4096 \
+    --batches 1,16,64 --contexts 512,4096 --no-progress --output-json "$out/gpu_latency_${m}_$day.json" \
+    --plot "$out/gpu_plots_$m" 2>&1 | tee -a "$out/gpu_bench_$day.log"
+  python3 -m membound.entrypoints.cli bench walls "$m" --load-format dummy \
+    --output-json "$out/gpu_walls_${m}_$day.json" 2>&1 | tee -a "$out/gpu_bench_$day.log"
+done
 python3 -m membound.entrypoints.cli doctor --no-decode --json > "$out/gpu_doctor_$day.json" 2>/dev/null || true
 echo "gpu tests rc=$tests_rc, benchmarks rc=$bench_rc"
 exit $((tests_rc != 0 || bench_rc != 0))
