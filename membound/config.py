@@ -37,6 +37,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
+    quantization: str | None = None  # int8 / int4 / fp8: decoder-layer weights quantized at load (RTN)
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -64,6 +65,8 @@ class EngineConfig:
         self.dtype = dtype
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.quantization is not None and self.quantization not in ("int8", "int4", "fp8"):
+            raise ConfigError(f"quantization must be int8, int4, fp8 or None, got {self.quantization!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
 

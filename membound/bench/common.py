@@ -78,18 +78,22 @@ def device_ceilings(device: torch.device, dtype: torch.dtype, remeasure: bool = 
 
 
 def weight_bytes_per_step(engine: LLMEngine) -> int:
-    """Bytes of weights one decode step streams: all but the embedding table (unless tied)."""
-    total = 0
-    for name, p in engine.model.named_parameters():
-        if "embed_tokens" in name and not engine.model_config.tie_word_embeddings:
-            continue
-        total += p.numel() * p.element_size()
+    """Bytes of weights one decode step streams: all (quantized layers as stored) but the
+    embedding table, unless it is tied to the LM head."""
+    from membound.quant.linear import linear_weight_bytes
+
+    total = linear_weight_bytes(engine.model)[0]
+    if not engine.model_config.tie_word_embeddings:
+        emb = engine.model.embed_tokens.weight
+        total -= emb.numel() * emb.element_size()
     return total
 
 
 def matmul_flops_per_token(engine: LLMEngine) -> int:
     """2 FLOPs per weight of every matrix a token goes through (layers and LM head)."""
-    n = 0
+    from membound.quant.linear import linear_weight_bytes
+
+    n = linear_weight_bytes(engine.model)[1]  # quantized layers
     for name, p in engine.model.named_parameters():
         if p.dim() == 2 and "embed_tokens" not in name:
             n += p.numel()

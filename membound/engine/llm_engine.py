@@ -62,6 +62,13 @@ class LLMEngine:
             )
         loaded = load_model(source, self.backend, self.dtype, self.device, self.max_model_len, config.seed, gguf)
         self.model = loaded.model
+        weight_bytes = loaded.weight_bytes
+        if config.quantization:
+            from membound.quant.linear import linear_weight_bytes, quantize_model
+
+            n = quantize_model(self.model, config.quantization)
+            weight_bytes = linear_weight_bytes(self.model)[0]
+            log.info("quantized %d linear layers to %s (round-to-nearest)", n, config.quantization)
         self.model_config = mc
         self.source = source
         self.tokenizer = None
@@ -75,7 +82,7 @@ class LLMEngine:
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
         activation_peak = self._profile_activation_peak()
         self.memory: MemoryPlan = plan_memory(
-            config, self.kv_spec, self.device, loaded.weight_bytes, activation_peak, self.max_model_len
+            config, self.kv_spec, self.device, weight_bytes, activation_peak, self.max_model_len
         )
         try:
             kv_caches = allocate_kv_cache(self.kv_spec, self.memory.num_blocks, self.device)

@@ -38,6 +38,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
     g.add_argument(
+        "--quantization",
+        default=None,
+        choices=["int8", "int4", "fp8"],
+        help="quantize the decoder's weights at load (round-to-nearest; int4: groups of 128/64/32)",
+    )
+    g.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -75,6 +81,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         load_format=a.load_format,
         seed=a.seed,
         enable_prefix_caching=a.enable_prefix_caching,
+        quantization=a.quantization,
     )
 
 

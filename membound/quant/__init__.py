@@ -1,0 +1,1 @@
+"""Low-precision weights (and, later, KV cache): formats, quantizers, linear layers."""
