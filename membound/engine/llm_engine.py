@@ -66,7 +66,11 @@ class LLMEngine:
         if config.quantization:
             from membound.quant.linear import linear_weight_bytes, quantize_model
 
-            n = quantize_model(self.model, config.quantization)
+            group = 128
+            if gguf is not None and gguf.layer_quant_types() & {"Q4_0", "Q4_1"}:
+                # Groups on the file's own 32-weight blocks: re-quantizing then recovers its 4-bit grid.
+                group = 32
+            n = quantize_model(self.model, config.quantization, group)
             weight_bytes = linear_weight_bytes(self.model)[0]
             log.info("quantized %d linear layers to %s (round-to-nearest)", n, config.quantization)
         self.model_config = mc

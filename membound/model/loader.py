@@ -152,6 +152,10 @@ class GGUFFile:
         except TypeError as e:
             raise ModelLoadError(f"{self.path}: GGUF metadata is incomplete: {e}") from e
 
+    def layer_quant_types(self) -> set[str]:
+        """GGML types of the decoder layers' matrices (e.g. {"Q4_1"})."""
+        return {t.tensor_type.name for name, t in self.tensors.items() if name.startswith("blk.") and len(t.shape) == 2}
+
     def rope_freq_factors(self) -> torch.Tensor | None:
         t = self.tensors.get("rope_freqs.weight")
         return None if t is None else torch.from_numpy(np.array(t.data, dtype=np.float32))
