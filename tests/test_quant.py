@@ -119,3 +119,45 @@ def test_quantize_model_leaves_embeddings_and_head_alone(tmp_path):
     model = llm.engine.model
     assert quantize_model(model, "int8") == 4 * model.config.num_layers
     assert isinstance(model.embed_tokens.weight, torch.nn.Parameter) and model.lm_head.weight.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------- GGUF 4-bit blocks, kept packed
+
+
+def test_gguf_q4_blocks_unpack_bit_exactly_against_ggufs_dequantizer():
+    import gguf
+    import numpy as np
+
+    from membound.model.loader import GGUFFile, resolve_model
+    from membound.quant.gguf_blocks import unpack_q4
+
+    g = GGUFFile(resolve_model(None).path)
+    t = g.tensors["blk.3.ffn_up.weight"]
+    assert t.tensor_type.name == "Q4_1"
+    q, d, m = unpack_q4(t.data, "Q4_1")
+    rows = t.data.shape[0]
+    ours = (np.repeat(d, 32, axis=1) * q.astype(np.float32)) + np.repeat(m, 32, axis=1)  # gguf's own formula
+    assert np.array_equal(ours, gguf.quants.dequantize(t.data, t.tensor_type).reshape(rows, -1))
+    assert q.max() == 15 and q.min() == 0
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0)
+    q, d, _ = unpack_q4(raw, "Q4_0")
+    ours = np.repeat(d, 32, axis=1) * (q.astype(np.int8) - np.int8(8)).astype(np.float32)
+    assert np.array_equal(ours, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_0))
+
+
+def test_int4_smollm2_runs_on_the_files_blocks(caplog):
+    import logging
+
+    from membound.model.loader import GGUFFile, resolve_model
+    from membound.quant.gguf_blocks import int4_parts
+
+    with caplog.at_level(logging.INFO, logger="membound"):
+        llm = LLM(max_model_len=128, kv_cache_memory_bytes=8 << 20, quantization="int4")
+    assert "120 linear layers from the GGUF's own 4-bit blocks, 0 quantized by round-to-nearest" in caplog.text
+    down = llm.engine.model.layers[3].mlp.down_proj
+    t = GGUFFile(resolve_model(None).path).tensors["blk.3.ffn_down.weight"]
+    _, scale, zero = int4_parts(t.data, t.tensor_type.name)
+    assert down.group_size == 32 and torch.equal(down.scale, scale) and torch.equal(down.zero, zero)

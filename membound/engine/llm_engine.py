@@ -66,13 +66,21 @@ class LLMEngine:
         if config.quantization:
             from membound.quant.linear import linear_weight_bytes, quantize_model
 
-            group = 128
+            group, from_blocks = 128, 0
             if gguf is not None and gguf.layer_quant_types() & {"Q4_0", "Q4_1"}:
-                # Groups on the file's own 32-weight blocks: re-quantizing then recovers its 4-bit grid.
-                group = 32
-            n = quantize_model(self.model, config.quantization, group)
+                group = 32  # what the file's own blocks use, for any matrix stored otherwise
+                if config.quantization == "int4" and self.device.type == "cpu":
+                    from membound.quant.gguf_blocks import load_int4_from_gguf
+
+                    from_blocks = load_int4_from_gguf(self.model, gguf)
+            rtn = quantize_model(self.model, config.quantization, group)
             weight_bytes = linear_weight_bytes(self.model)[0]
-            log.info("quantized %d linear layers to %s (round-to-nearest)", n, config.quantization)
+            log.info(
+                "%s: %d linear layers from the GGUF's own 4-bit blocks, %d quantized by round-to-nearest",
+                config.quantization,
+                from_blocks,
+                rtn,
+            )
         self.model_config = mc
         self.source = source
         self.tokenizer = None
