@@ -186,3 +186,14 @@ def test_interrupted_generate_leaves_nothing_queued(tiny, monkeypatch):
         tiny.generate([[1, 2], [3, 4]], SamplingParams(max_tokens=20, ignore_eos=True))
     assert not tiny.engine.has_unfinished_requests()
     assert tiny.engine.stats().num_free_blocks == tiny.engine.stats().num_total_blocks
+
+
+def test_a_chat_template_that_raises_is_an_invalid_request():
+    from membound.model.registry import default_model_path
+    from membound.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_model_path(default_model_path())
+    tok.hf.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+    with pytest.raises(InvalidRequestError, match="chat template rejected these messages: .*must alternate") as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert e.value.param == "messages"

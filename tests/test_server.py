@@ -121,6 +121,18 @@ def test_models_health_version_and_auth(tiny_server):
     assert out.model == "tiny" and out.usage.completion_tokens <= 2
 
 
+def test_null_fields_mean_their_defaults(tiny_server):
+    body = {"prompt": "x", "max_tokens": 3, "n": None, "stream": None, "stop": None, "stream_options": None,
+            "temperature": None, "logprobs": None, "echo": None}  # fmt: skip
+    r = _post(tiny_server, "completions", body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["usage"]["completion_tokens"] <= 3
+    r = _post(tiny_server, "chat/completions", {"messages": [{"role": "developer", "content": "Be brief."},
+                                                             {"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                "stream_options": None, "logprobs": None})  # fmt: skip
+    assert r.status_code == 200, r.text
+
+
 def test_streamed_equals_non_streamed_greedy(tiny_server):
     c = client(tiny_server)
     kw = dict(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=30, extra_body={"ignore_eos": True})
@@ -188,7 +200,9 @@ def test_logprobs(tiny_server):
         assert len(entry.top_logprobs) == 2
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
-        assert bytes(entry.bytes).decode() == entry.token
+    # The tokens' bytes rebuild the text exactly, split characters included (the EOS that stopped it is not text).
+    shown = content[:-1] if chat.choices[0].finish_reason == "stop" else content
+    assert b"".join(bytes(e.bytes) for e in shown) == chat.choices[0].message.content.encode()
     # Streamed logprobs carry the same numbers.
     streamed = []
     for chunk in c.completions.create(

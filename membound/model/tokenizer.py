@@ -62,9 +62,38 @@ class Tokenizer:
                 raise InvalidRequestError(f"messages[{i}] must have a string 'role' and a string 'content'")
         if not self.hf.chat_template:
             raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        try:
+            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as e:  # jinja2 raises TemplateError for e.g. "roles must alternate"; templates raise others
+            raise InvalidRequestError(
+                f"the model's chat template rejected these messages: {e}", param="messages"
+            ) from e
         # The template already holds any BOS it wants; don't let encode add another.
         return self.hf.encode(text, add_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (byte-level BPE, SentencePiece with byte fallback, or plain)."""
+        piece = self.hf.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if self._byte_decoder is not None:
+            try:
+                return bytes(self._byte_decoder[c] for c in piece)
+            except KeyError:
+                return piece.encode()  # an added/special token, stored as plain text
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    @property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        if not hasattr(self, "_bd"):
+            self._bd = None
+            if type(self.backend.decoder).__name__ == "ByteLevel":
+                from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+                self._bd = {c: b for b, c in bytes_to_unicode().items()}
+        return self._bd
 
     def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
         return Detokenizer(self, prompt_ids, skip_special_tokens)

@@ -159,10 +159,10 @@ class AsyncEngine:
         try:
             self._submit(_Add(subs, done))
             await asyncio.wrap_future(done)
-        except BaseException:
+        except BaseException as e:
             self._forget(ids)
-            if not done.done():  # cancelled while queued: make sure nothing stays behind
-                self._abort_ids(ids)
+            if not isinstance(e, QueueFullError | InvalidRequestError | EngineDeadError):
+                self._abort_ids(ids)  # cancelled, maybe after the engine queued them: nothing stays behind
             raise
         return OutputStream(self, ids, q)
 
@@ -288,7 +288,8 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - the error goes back to the HTTP request that sent it
             for rid in added:
                 engine.abort_request(rid)
-            cmd.done.set_exception(e if isinstance(e, InvalidRequestError) else InvalidRequestError(str(e)))
+            # Bad input is the client's (400); anything else is ours and surfaces as a 500.
+            cmd.done.set_exception(InvalidRequestError(str(e)) if isinstance(e, ValueError) else e)
             return
         cmd.done.set_result(None)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from membound.errors import InvalidRequestError
 
@@ -17,7 +17,7 @@ Number = StrictInt | float  # pydantic's float accepts ints; StrictInt keeps boo
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
 
 
@@ -25,6 +25,14 @@ class _SamplingFields(BaseModel):
     """What both endpoints share. Unknown fields are ignored (as OpenAI and vLLM do)."""
 
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI lets clients send null for optional fields; null then means "the default".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
     model: str | None = None
     n: StrictInt = 1

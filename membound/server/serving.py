@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from membound.server.async_engine import AsyncEngine, OutputStream, SubRequest
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
+log = logging.getLogger("membound.server")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +97,11 @@ class _Job:
         body = self.body
         if self.chat:
             tok = self._tokenizer()
-            messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
+            # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+                for i, m in enumerate(body.messages)
+            ]
             return [tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)]
         p = body.prompt
         if isinstance(p, str):
@@ -177,9 +183,13 @@ class _Job:
         completion = sum(c.num_tokens for c in self.choices.values())
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _token_text(self, token_id: int) -> str:
+    def _token_bytes(self, token_id: int) -> bytes:
         tok = self.ctx.tokenizer
-        return str(token_id) if tok is None else tok.decode([token_id], skip_special_tokens=False)
+        return str(token_id).encode() if tok is None else tok.token_bytes(token_id)
+
+    def _token_text(self, token_id: int) -> str:
+        # A token holding part of a UTF-8 character shows as U+FFFD; its `bytes` stay exact.
+        return self._token_bytes(token_id).decode("utf-8", errors="replace")
 
     def _completion_logprobs(self, lps: list[TokenLogprob], c: _Choice) -> dict:
         tokens, offsets = [], []
@@ -201,7 +211,7 @@ class _Job:
     def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
         def entry(token_id: int, logprob: float) -> dict:
             s = self._token_text(token_id)
-            return {"token": s, "logprob": max(logprob, _MIN_LOGPROB), "bytes": list(s.encode())}
+            return {"token": s, "logprob": max(logprob, _MIN_LOGPROB), "bytes": list(self._token_bytes(token_id))}
 
         return {
             "content": [
@@ -274,6 +284,9 @@ class _Job:
                 yield self._chunk([choice], with_usage=include_usage)
         except MemboundError as e:  # headers are sent: report in-band, as OpenAI does
             yield f"data: {json.dumps(error_body(str(e), 'server_error'))}\n\n"
+        except Exception as e:  # noqa: BLE001 - a bug must still end the stream cleanly
+            log.exception("error while streaming %s", self.id)
+            yield f"data: {json.dumps(error_body(f'internal error: {type(e).__name__}: {e}', 'server_error'))}\n\n"
         else:
             if include_usage:
                 yield self._chunk([], self.usage(), with_usage=True)
