@@ -202,12 +202,15 @@ def test_prefill_attention_bf16_real_sizes_on_gpu():
 # ---------------------------------------------------------------------- the whole model on the Triton backend
 
 
-def test_whole_model_triton_backend_matches_torch_backend(tmp_path):
-    """Greedy tokens and logprobs through chunked prefill, prefix hits and batched decodes."""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_whole_model_triton_backend_matches_torch_backend(tmp_path, family):
+    """Greedy tokens and logprobs through chunked prefill, prefix hits and batched decodes, with the
+    fused kernels in the model (RoPE + KV write, residual-add + RMSNorm, SiLU-and-mul): qkv bias
+    (qwen2), q/k norm (qwen3) and a sliding window (mistral) included."""
     from membound import LLM, SamplingParams
     from tests.conftest import save_tiny_hf_model
 
-    save_tiny_hf_model(tmp_path, "llama")
+    save_tiny_hf_model(tmp_path, family, **({"sliding_window": 24} if family == "mistral" else {}))
     prompts = [[(7 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate([3, 20, 37, 20])]
     prompts[3][:16] = prompts[1][:16]  # a full shared block: a prefix-cache hit
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)

@@ -14,6 +14,7 @@ from membound.attention.torch_paged import write_kv
 
 class TritonPagedAttention:
     name = "triton"
+    fused = True  # the model rotates q/k and writes the cache in one kernel, then calls `attend`
 
     def forward(
         self,
@@ -26,10 +27,22 @@ class TritonPagedAttention:
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale, sliding_window)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """Attention over K/V already in the cache (this step's included)."""
         from membound.kernels.decode_attention import paged_decode_attention
         from membound.kernels.prefill_attention import paged_prefill_attention
 
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         nd, starts = meta.num_decodes, meta.query_start_loc_host
         parts = []
         if nd:

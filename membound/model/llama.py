@@ -80,19 +80,32 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+        if getattr(self.backend, "fused", False):
+            # One kernel rotates q and k and writes k, v into their cache slots; attention then only reads.
+            from membound.kernels.fused import rope_write_kv
+
+            cos, sin, rows = rope
+            q = rope_write_kv(q, k, v, cos, sin, rows, kv_cache[0], kv_cache[1], meta.slot_mapping)
+            out = self.backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+        else:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, fused: bool = False) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from membound.kernels.fused import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -100,14 +113,24 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
+        self.fused = getattr(backend, "fused", False)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, self.fused)
 
-    def forward(self, rope, x, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope, x, kv_cache, meta, residual: torch.Tensor | None = None):
+        """Returns (x, None) unfused; fused, (this layer's MLP output, the residual stream before it),
+        so the next layer's add + norm is one kernel."""
+        if not self.fused:
+            x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        from membound.kernels.fused import add_rmsnorm
+
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        h, residual = add_rmsnorm(x, residual, ln1.weight, ln1.eps)
+        h, residual = add_rmsnorm(self.self_attn(rope, h, kv_cache, meta), residual, ln2.weight, ln2.eps)
+        return self.mlp(h), residual
 
 
 # Which slice of a fused parameter each HF checkpoint name fills.
@@ -146,9 +169,19 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states after the final norm, [T, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
+        if not self.layers or not self.layers[0].fused:
+            for layer, kv in zip(self.layers, kv_caches, strict=True):
+                x, _ = layer(rope, x, kv, meta)
+            return self.norm(x)
+        from membound.kernels.fused import add_rmsnorm
+
+        cos, sin = rope
+        rows = torch.arange(x.shape[0], device=x.device)  # the fused kernel looks cos/sin up by row
+        rope = (cos[:, 0], sin[:, 0], rows)
+        residual = None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x = layer(rope, x, kv, meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, kv, meta, residual)
+        return add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
