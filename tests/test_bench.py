@@ -160,3 +160,23 @@ def test_device_ceilings_are_cached_per_device(tmp_path, monkeypatch):
     assert first == again and len(calls) == 1 and (tmp_path / "ceilings.json").is_file()
     common.device_ceilings(torch.device("cpu"), torch.float32, remeasure=True)
     assert len(calls) == 2
+
+
+def test_quality_table_against_full_precision(tmp_path, capsys):
+    save_tiny_hf_model(tmp_path / "hf", "llama", hidden_size=128, intermediate_size=256)
+    out = tmp_path / "q.json"
+    args = ["bench", "quality", str(tmp_path / "hf"), "--kv-cache-memory", "16", "--formats", "int8,int4,fp8",
+            "--tokens", "24", "--output-json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "top-1 agree" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    rows = {row["format"]: row for row in r["rows"]}
+    assert set(rows) == {"reference", "int8", "int4", "fp8"} and r["tokens"] == 8 + 24
+    assert rows["reference"]["mean_kl"] == 0 and rows["reference"]["top1_agreement"] == 1
+    for fmt in ("int8", "int4", "fp8"):
+        assert rows[fmt]["mean_kl"] > 0 and 0 <= rows[fmt]["top1_agreement"] <= 1
+        assert rows[fmt]["max_kl"] >= rows[fmt]["mean_kl"]
+        assert rows[fmt]["weight_bytes_per_step"] < rows["reference"]["weight_bytes_per_step"]
+    assert rows["int8"]["mean_kl"] < rows["int4"]["mean_kl"]  # RTN int4 on random weights loses more
+    assert main(["bench", "quality", str(tmp_path / "hf"), "--formats", "int3"]) == 2
+    assert "--formats takes int8, int4, fp8" in capsys.readouterr().err

@@ -69,6 +69,15 @@ def add_bench_parser(sub, engine_args, engine_config) -> None:
     _common(sv)
     sv.set_defaults(func=cmd_serve)
 
+    ql = bs.add_parser("quality", help="KL divergence and top-1 agreement of quantized variants vs full precision")
+    ql.add_argument("model_tag", nargs="?", default=None, metavar="MODEL")
+    ql.add_argument("--formats", default="int8,int4,fp8", help="comma-separated: int8, int4, fp8")
+    ql.add_argument("--tokens", type=int, default=256, help="length of the reference text the model writes")
+    ql.add_argument("--text-seed", type=int, default=1)
+    engine_args(ql)
+    _common(ql)
+    ql.set_defaults(func=lambda a: cmd_quality(a, engine_config))
+
     wl = bs.add_parser("walls", help="where one decode step goes: host, launches, memory, compute")
     wl.add_argument("model_tag", nargs="?", default=None, metavar="MODEL")
     wl.add_argument("--batch", type=int, default=1)
@@ -206,6 +215,39 @@ def cmd_serve(a) -> int:
     if errors:
         text += "\nerrors: " + "; ".join(errors[:3])
     return _finish(a, result, text, lambda res, d: plots.serve_plot(res["runs"], d))
+
+
+def cmd_quality(a, engine_config) -> int:
+    from membound.bench import quality
+    from membound.errors import ConfigError
+
+    formats = [f for f in a.formats.split(",") if f]
+    bad = [f for f in formats if f not in ("int8", "int4", "fp8")]
+    if bad or not formats:
+        raise ConfigError(f"--formats takes int8, int4, fp8 (comma-separated), got {a.formats!r}")
+    if a.quantization:
+        raise ConfigError("bench quality compares formats itself; leave out --quantization")
+    a.model = a.model_tag or a.model
+    if a.max_model_len is None:
+        a.max_model_len = a.tokens + 16
+
+    def make(fmt):
+        from membound.engine.llm_engine import LLMEngine
+
+        return LLMEngine(dataclasses.replace(engine_config(a), skip_tokenizer_init=True, quantization=fmt))
+
+    out = quality.run(make, formats, a.tokens, a.text_seed)
+    engine = out.pop("_engine")
+    result = {"record": common.run_record(engine), **out}
+    text = (
+        f"{out['tokens']} tokens of text written by the reference ({result['record']['dtype']}), seed {a.text_seed}\n"
+    )
+    text += common.table(
+        out["rows"],
+        [("format", "format", "s"), ("weight_bytes_per_step", "bytes/step", ",.0f"), ("mean_kl", "mean KL", ".5f"),
+         ("max_kl", "max KL", ".4f"), ("top1_agreement", "top-1 agree", ".1%")],
+    )  # fmt: skip
+    return _finish(a, result, text, lambda res, d: [])
 
 
 def cmd_walls(a, engine_config) -> int:
