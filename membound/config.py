@@ -38,6 +38,7 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
     quantization: str | None = None  # int8 / int4 / fp8: decoder-layer weights quantized at load (RTN)
+    kv_cache_dtype: str = "auto"  # auto: the run dtype; fp8: float8 e4m3 (scale 1), half of bf16's bytes
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -67,6 +68,8 @@ class EngineConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.quantization is not None and self.quantization not in ("int8", "int4", "fp8"):
             raise ConfigError(f"quantization must be int8, int4, fp8 or None, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
 

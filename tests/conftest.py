@@ -112,7 +112,7 @@ def full_logits(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     bs = engine.config.block_size
     nb = blocks_needed(n, bs)
     spec = KVCacheSpec(
-        engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs, engine.dtype
+        engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs, engine.kv_spec.dtype
     )
     caches = allocate_kv_cache(spec, nb + 3, engine.device)
     # A scrambled block table, so the test covers non-contiguous blocks.

@@ -161,3 +161,36 @@ def test_int4_smollm2_runs_on_the_files_blocks(caplog):
     t = GGUFFile(resolve_model(None).path).tensors["blk.3.ffn_down.weight"]
     _, scale, zero = int4_parts(t.data, t.tensor_type.name)
     assert down.group_size == 32 and torch.equal(down.scale, scale) and torch.equal(down.zero, zero)
+
+
+# ---------------------------------------------------------------------- fp8 KV cache
+
+
+def test_fp8_kv_cache_quadruples_capacity_and_stays_close(smollm2_text):
+    ids, p = smollm2_text
+    base = LLM(max_model_len=256, kv_cache_memory_bytes=16 << 20)
+    fp8 = LLM(max_model_len=256, kv_cache_memory_bytes=16 << 20, kv_cache_dtype="fp8")
+    assert fp8.engine.kv_spec.bytes_per_token * 4 == base.engine.kv_spec.bytes_per_token  # fp32 run dtype here
+    assert fp8.engine.allocator.num_blocks >= 4 * base.engine.allocator.num_blocks - 1
+    q = torch.log_softmax(full_logits(fp8.engine, ids), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
+    assert 0 < kl < 0.05 and top1 >= 0.85, (kl, top1)
+    out = fp8.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0))
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_fp8_kv_write_saturates_instead_of_nan():
+    from membound.attention.torch_paged import write_kv
+
+    cache = torch.zeros(2, 2, 2, 4, 4, dtype=torch.float8_e4m3fn)  # K/V, heads, blocks, block size, dim
+    k = torch.tensor([[[1000.0, -1000.0, 0.5, 3.0]] * 2] * 3)  # [T=3, KVH=2, D=4]
+    write_kv(k, k, cache[0], cache[1], torch.tensor([0, 3, 5]))
+    got = cache[0].float().view(2, -1, 4)
+    assert torch.isfinite(got).all()
+    assert got[0, 3].tolist() == [448.0, -448.0, 0.5, 3.0] and got[1, 1].abs().sum() == 0
+
+
+def test_bad_kv_cache_dtype():
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be auto or fp8"):
+        LLM("x", kv_cache_dtype="int2")

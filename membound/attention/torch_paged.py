@@ -7,6 +7,9 @@ import torch.nn.functional as F
 
 from membound.attention.base import AttentionMetadata
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
 
 def write_kv(
     k: torch.Tensor,
@@ -17,8 +20,15 @@ def write_kv(
 ) -> None:
     """Scatter each new token's K/V ([T, KVH, D]) into its slot of the paged cache."""
     kvh, _, _, d = k_cache.shape
-    k_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
+    k, v = k.transpose(0, 1), v.transpose(0, 1)
+    if k_cache.dtype == FP8:
+        # e4m3 has no infinity (out-of-range casts give NaN), and CPU index_copy_ has no fp8 kernel:
+        # clamp, cast, and scatter the bytes.
+        k = k.clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
+        v = v.clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
+    k_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.to(v_cache.dtype))
 
 
 def decode_attention(

@@ -22,7 +22,7 @@ def sequence_logprobs(engine: LLMEngine, ids: list[int]) -> torch.Tensor:
     n, bs = len(ids), engine.config.block_size
     nb = blocks_needed(n, bs)
     spec = KVCacheSpec(
-        engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs, engine.dtype
+        engine.kv_spec.num_layers, engine.kv_spec.num_kv_heads, engine.kv_spec.head_dim, bs, engine.kv_spec.dtype
     )
     caches = allocate_kv_cache(spec, nb, engine.device)
     dev = engine.device

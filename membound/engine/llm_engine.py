@@ -91,7 +91,10 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, self.dtype)
+        kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        if kv_dtype != self.dtype and self.backend.name == "triton":
+            raise ConfigError("kv_cache_dtype='fp8' runs on the PyTorch attention backend only for now")
+        self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, kv_dtype)
         activation_peak = self._profile_activation_peak()
         self.memory: MemoryPlan = plan_memory(
             config, self.kv_spec, self.device, weight_bytes, activation_peak, self.max_model_len

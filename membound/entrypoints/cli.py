@@ -44,6 +44,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="quantize the decoder's weights at load (round-to-nearest; int4: groups of 128/64/32)",
     )
     g.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8"],
+        help="KV cache precision: auto (the run dtype) or fp8 (e4m3, scale 1: half of bf16's bytes)",
+    )
+    g.add_argument(
         "--enable-prefix-caching",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -82,6 +88,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         seed=a.seed,
         enable_prefix_caching=a.enable_prefix_caching,
         quantization=a.quantization,
+        kv_cache_dtype=a.kv_cache_dtype,
     )
 
 
