@@ -9,6 +9,7 @@ cached prefix plus the new tokens, causally.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Protocol
 
 import torch
@@ -30,6 +31,22 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
+
+    # Derived once per step and shared by every layer (cached_property writes to __dict__,
+    # which a frozen dataclass allows).
+    @functools.cached_property
+    def max_decode_len(self) -> int:
+        return max(self.seq_lens_host[: self.num_decodes], default=0)
+
+    @functools.cached_property
+    def max_prefill_query_len(self) -> int:
+        s, nd = self.query_start_loc_host, self.num_decodes
+        return max((s[i + 1] - s[i] for i in range(nd, self.num_seqs)), default=0)
+
+    @functools.cached_property
+    def prefill_query_start_loc(self) -> torch.Tensor:
+        """query_start_loc of the prefill sequences alone, starting at 0."""
+        return self.query_start_loc[self.num_decodes :] - self.query_start_loc_host[self.num_decodes]
 
 
 class AttentionBackend(Protocol):

@@ -126,7 +126,7 @@ class TorchPagedAttention:
         parts = []
         if nd:
             block_size = k_cache.shape[2]
-            width = (max(meta.seq_lens_host[:nd]) + block_size - 1) // block_size
+            width = (meta.max_decode_len + block_size - 1) // block_size
             step = max(1, DECODE_GATHER_TOKENS // (width * block_size))
             for lo in range(0, nd, step):
                 hi = min(nd, lo + step)

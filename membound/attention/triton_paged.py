@@ -52,7 +52,6 @@ class TritonPagedAttention:
                 )
             )
         if nd < meta.num_seqs:
-            q_lens = [starts[i + 1] - starts[i] for i in range(nd, meta.num_seqs)]
             parts.append(
                 paged_prefill_attention(
                     q[starts[nd] :],
@@ -60,8 +59,8 @@ class TritonPagedAttention:
                     v_cache,
                     meta.block_tables[nd:],
                     meta.seq_lens[nd:],
-                    meta.query_start_loc[nd:] - starts[nd],
-                    max(q_lens),
+                    meta.prefill_query_start_loc,
+                    meta.max_prefill_query_len,
                     scale,
                     sliding_window,
                 )

@@ -102,6 +102,14 @@ def matmul_flops_per_token(engine: LLMEngine) -> int:
     return 2 * n
 
 
+def decode_step_cost(engine: LLMEngine, batch: int, context: float) -> tuple[int, int, float]:
+    """(weight bytes, KV bytes, FLOPs) of one decode step of `batch` sequences at `context` tokens each."""
+    cfg = engine.model_config
+    kv = int(batch * context * engine.kv_spec.bytes_per_token)
+    attention = 4 * context * cfg.num_layers * cfg.num_heads * cfg.head_dim  # QK^T and PV per token
+    return weight_bytes_per_step(engine), kv, batch * (matmul_flops_per_token(engine) + attention)
+
+
 def peak_memory(device: torch.device) -> tuple[int, int]:
     """(peak bytes used by this process, total bytes of the device)."""
     if device.type == "cuda":

@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from membound.bench.common import matmul_flops_per_token, peak_memory, weight_bytes_per_step
+from membound.bench.common import decode_step_cost, peak_memory
 from membound.engine.kv_cache import blocks_needed
 from membound.engine.llm_engine import LLMEngine
 from membound.plan.ceilings import Ceilings
@@ -82,12 +82,8 @@ def decode_point(engine: LLMEngine, rng: random.Random, batch: int, context: int
     dt = (time.perf_counter() - t) / steps
     peak, total = peak_memory(engine.device)
     _drain(engine)
-    cfg = engine.model_config
-    kv = int(batch * (context + steps / 2) * engine.kv_spec.bytes_per_token)  # the mean context over the run
-    nbytes = weight_bytes_per_step(engine) + kv
-    flops = batch * (
-        matmul_flops_per_token(engine) + 4 * (context + steps / 2) * cfg.num_layers * cfg.num_heads * cfg.head_dim
-    )
+    weights, kv, flops = decode_step_cost(engine, batch, context + steps / 2)  # the mean context over the run
+    nbytes = weights + kv
     bw, peak_flops = ceil.copy_bandwidth_gbs * 1e9, ceil.matmul_tflops * 1e12
     return {
         **point,

@@ -17,7 +17,7 @@ import time
 import torch
 
 import membound.engine.model_runner as model_runner
-from membound.bench.common import matmul_flops_per_token, weight_bytes_per_step
+from membound.bench.common import decode_step_cost
 from membound.engine.llm_engine import LLMEngine
 from membound.plan.ceilings import Ceilings
 from membound.sampling_params import SamplingParams
@@ -73,10 +73,8 @@ def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, s
     for rid in list(engine.requests):
         engine.abort_request(rid)
     engine.reset_prefix_cache()
-    cfg = engine.model_config
-    ctx = context + 1 + steps / 2
-    nbytes = weight_bytes_per_step(engine) + batch * ctx * engine.kv_spec.bytes_per_token
-    flops = batch * (matmul_flops_per_token(engine) + 4 * ctx * cfg.num_layers * cfg.num_heads * cfg.head_dim)
+    weights, kv, flops = decode_step_cost(engine, batch, context + 1 + steps / 2)
+    nbytes = weights + kv
     per = {k: v / steps for k, v in spent.items()}
     other = step - sum(per.values())
     rows = [

@@ -93,14 +93,13 @@ class ServerMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_usage)
         prev = self._last_stats
-        if prev is not None:
-            self.prefix_queries.inc(stats.prefix_cache_queries - prev.prefix_cache_queries)
-            self.prefix_hits.inc(stats.prefix_cache_hits - prev.prefix_cache_hits)
-            self.preemptions.inc(stats.num_preemptions - prev.num_preemptions)
-        else:
-            self.prefix_queries.inc(stats.prefix_cache_queries)
-            self.prefix_hits.inc(stats.prefix_cache_hits)
-            self.preemptions.inc(stats.num_preemptions)
+
+        def delta(name: str) -> int:  # the engine's counters are cumulative
+            return getattr(stats, name) - (getattr(prev, name) if prev is not None else 0)
+
+        self.prefix_queries.inc(delta("prefix_cache_queries"))
+        self.prefix_hits.inc(delta("prefix_cache_hits"))
+        self.preemptions.inc(delta("num_preemptions"))
         self._last_stats = stats
 
     # ---------------------------------------------------------------- HTTP side
