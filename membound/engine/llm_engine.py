@@ -11,6 +11,7 @@ import torch
 from membound.attention import get_backend
 from membound.attention.base import AttentionMetadata
 from membound.config import EngineConfig
+from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache, blocks_needed
 from membound.engine.memory import MemoryPlan, plan_memory
 from membound.engine.model_runner import ModelRunner
@@ -24,6 +25,8 @@ from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from membound.sampling_params import SamplingParams
 
 log = logging.getLogger("membound")
+
+MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: launch gaps no longer matter there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +98,16 @@ class LLMEngine:
         if kv_dtype != self.dtype and self.backend.name == "triton":
             raise ConfigError("kv_cache_dtype='fp8' runs on the PyTorch attention backend only for now")
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, kv_dtype)
+        # CUDA graphs need static shapes and no host syncs inside the forward: the Triton path has both.
+        self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton"
         activation_peak = self._profile_activation_peak()
+        graph_reserve = self._profile_graph_memory() if self.use_cuda_graphs else 0
         self.memory: MemoryPlan = plan_memory(
-            config, self.kv_spec, self.device, weight_bytes, activation_peak, self.max_model_len
+            config, self.kv_spec, self.device, weight_bytes, activation_peak + graph_reserve, self.max_model_len
         )
         try:
-            kv_caches = allocate_kv_cache(self.kv_spec, self.memory.num_blocks, self.device)
+            # One block more than the allocator hands out: the scratch block padded decode rows write to.
+            kv_caches = allocate_kv_cache(self.kv_spec, self.memory.num_blocks + 1, self.device)
         except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocators raise RuntimeError
             raise ConfigError(
                 f"could not allocate the KV cache ({self.memory.kv_bytes / 2**30:.2f} GiB): {e}; "
@@ -118,6 +125,9 @@ class LLMEngine:
             self.allocator,
         )
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, config.seed)
+        if self.use_cuda_graphs:
+            self.runner.graphs = self._build_decode_graphs()
+            self.runner.graphs.capture()
         self.requests: dict[str, Request] = {}
         self._prompt_tokens_computed = 0
         self._generation_tokens = 0
@@ -310,6 +320,30 @@ class LLMEngine:
         self.allocator.reset_cache()
 
     # ------------------------------------------------------------------ start-up
+
+    def _build_decode_graphs(self, kv_caches=None, num_blocks: int | None = None) -> DecodeGraphs:
+        """Static decode buffers over the engine's cache (or a scratch one); the last block is the pad."""
+        caches = kv_caches if kv_caches is not None else self.runner.kv_caches
+        pad = (num_blocks if num_blocks is not None else self.memory.num_blocks + 1) - 1
+        return DecodeGraphs(
+            self.model,
+            caches,
+            self.config.block_size,
+            self.max_model_len,
+            min(self.config.max_num_seqs, MAX_GRAPH_BATCH),
+            pad,
+            self.device,
+        )
+
+    def _profile_graph_memory(self) -> int:
+        """Bytes the captured graphs will hold: the largest batch's graph, captured once on a
+        scratch cache (the smaller ones share its memory pool)."""
+        caches = allocate_kv_cache(self.kv_spec, 2, self.device)
+        graphs = self._build_decode_graphs(caches, 2)
+        nbytes = graphs.capture([graphs.max_batch])
+        del graphs, caches
+        torch.cuda.empty_cache()
+        return nbytes
 
     @torch.inference_mode()
     def _profile_activation_peak(self) -> int:

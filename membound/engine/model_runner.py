@@ -1,8 +1,9 @@
 """Runs one scheduled step: builds the flat input batch, runs the model, samples.
 
 Host work per step: a few small index tensors go to the device; the sampled ids
-(and logprobs when asked) come back. Logits are computed only for the rows that
-sample, never for every prompt token.
+(and logprobs when asked) come back in one non-blocking copy into pinned memory.
+Logits are computed only for the rows that sample, never for every prompt token.
+Pure decode steps replay a CUDA graph when the engine captured them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import dataclasses
 import torch
 
 from membound.attention.base import AttentionMetadata
-from membound.engine.sampler import SamplerOutput, SamplingBatch, sample
+from membound.engine.cuda_graphs import DecodeGraphs
+from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, unpack
 from membound.engine.scheduler import SchedulerOutput
 from membound.model.llama import LlamaForCausalLM
 
@@ -23,6 +25,29 @@ class ModelInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # index of the last token of each sampling request
+
+
+class HostCopier:
+    """Device-to-host copies through reusable pinned buffers: the copy is asynchronous, and the
+    host waits on an event for exactly that copy instead of a whole-device synchronize."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def fetch(self, t: torch.Tensor) -> torch.Tensor:
+        if self._event is None:
+            return t
+        buf = self._buffers.get(t.dtype)
+        if buf is None or buf.numel() < t.numel():
+            buf = torch.empty(max(t.numel(), 4096), dtype=t.dtype, pin_memory=True)
+            self._buffers[t.dtype] = buf
+        host = buf[: t.numel()].view(t.shape)
+        host.copy_(t, non_blocking=True)
+        self._event.record()
+        self._event.synchronize()
+        return host
 
 
 class ModelRunner:
@@ -40,6 +65,8 @@ class ModelRunner:
         self.device = device
         self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.copier = HostCopier(device)
+        self.graphs: DecodeGraphs | None = None  # set by the engine when decode steps are padded/captured
 
     def prepare(self, sched: SchedulerOutput) -> ModelInputs:
         ids: list[int] = []
@@ -82,15 +109,35 @@ class ModelRunner:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_rows])
 
+    def _graph_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of a pure decode step through the static (and, on CUDA, captured) decode path."""
+        g = self.graphs
+        if g is None or sched.num_decodes != len(sched.scheduled) or len(sched.scheduled) > g.max_batch:
+            return None
+        if not all(s.samples for s in sched.scheduled):  # a one-token prompt chunk that is not the last
+            return None
+        bs = self.block_size
+        ids, positions, slots, tables = [], [], [], []
+        for s in sched.scheduled:
+            req = s.request
+            p = req.num_computed_tokens
+            ids.append(req.token_ids[p])
+            positions.append(p)
+            slots.append(req.block_ids[p // bs] * bs + p % bs)
+            tables.append(req.block_ids)
+        return g.run(ids, positions, slots, tables)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
         """Run the step; sample for every request that finished its pending tokens."""
-        inputs = self.prepare(sched)
         sampling = [s.request for s in sched.scheduled if s.samples]
-        if not sampling:
-            self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-            return None
-        logits = self.forward_logits(inputs)
+        logits = self._graph_decode(sched)
+        if logits is None:
+            inputs = self.prepare(sched)
+            if not sampling:
+                self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+                return None
+            logits = self.forward_logits(inputs)
         batch = SamplingBatch.build(
             [r.params for r in sampling],
             [r.generator for r in sampling],
@@ -100,4 +147,4 @@ class ModelRunner:
             self.device,
             [r.banned_token_ids() for r in sampling],
         )
-        return sample(logits, batch, self.generator)
+        return unpack(self.copier.fetch(sample_on_device(logits, batch, self.generator)), batch)

@@ -136,6 +136,12 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> SamplerOutput:
     """logits: [B, V] fp32 for the rows that sample this step."""
+    return unpack(sample_on_device(logits, batch, generator).cpu(), batch)
+
+
+def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
+    """Everything on the device; returns one small tensor for the single transfer to the host:
+    the ids [B] (int64), or with logprobs [B, 2 + 2k] fp32 (id, its logprob, top-k values, top-k ids)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
     if batch.banned is not None:
         logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
@@ -158,13 +164,19 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
         ids = torch.where(batch.temperature > 0, drawn, greedy_ids)
 
     if raw_logprobs is None:
-        return SamplerOutput(ids.tolist(), None, None, None)
+        return ids
     chosen = raw_logprobs.gather(1, ids[:, None])[:, 0]
+    top = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
+    # ids travel as fp32 beside the logprobs: exact, vocabularies being far below 2**24.
+    return torch.cat([ids[:, None].float(), chosen[:, None], top.values, top.indices.float()], dim=1)
+
+
+def unpack(host: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    """The host copy of `sample_on_device`'s result as Python lists."""
+    if batch.max_logprobs is None:
+        return SamplerOutput(host.tolist(), None, None, None)
     k = max(batch.max_logprobs, 1)
-    top = raw_logprobs.topk(k, dim=-1)
-    # One device-to-host transfer per step: ids and logprob data travel together (ids are
-    # exact in fp32, vocabularies being far below 2**24).
-    packed = torch.cat([ids[:, None].float(), chosen[:, None], top.values, top.indices.float()], dim=1).tolist()
+    packed = host.tolist()
     return SamplerOutput(
         token_ids=[int(row[0]) for row in packed],
         logprobs=[row[1] for row in packed],

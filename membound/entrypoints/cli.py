@@ -55,6 +55,17 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="reuse the KV of prompt prefixes already in the cache (default: on)",
     )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="never replay decode steps from CUDA graphs (graphs are on by default on CUDA)",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: the Triton kernels on CUDA, PyTorch elsewhere",
+    )
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -89,6 +100,8 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=a.enable_prefix_caching,
         quantization=a.quantization,
         kv_cache_dtype=a.kv_cache_dtype,
+        enforce_eager=a.enforce_eager,
+        attention_backend=a.attention_backend,
     )
 
 

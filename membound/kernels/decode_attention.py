@@ -28,7 +28,6 @@ def _decode_split_kernel(
     part_lse_ptr,  # [B, H, S] fp32
     scale,
     window,  # sliding window (tokens) or 0 for none
-    pages_per_split,
     stride_qb,
     stride_qh,
     stride_kh,
@@ -63,6 +62,9 @@ def _decode_split_kernel(
     if window > 0:
         first_valid = tl.maximum(seq_len - window, 0)
     num_pages = tl.cdiv(seq_len, PAGE)
+    # Each sequence divides its own pages among the splits: a short sequence in a batch padded to
+    # a long block table (or in a CUDA graph captured for max_model_len) still uses every split.
+    pages_per_split = tl.cdiv(num_pages, NUM_SPLITS)
     start = tl.maximum(split * pages_per_split, first_valid // PAGE)
     stop = tl.minimum((split + 1) * pages_per_split, num_pages)
 
@@ -150,8 +152,6 @@ def paged_decode_attention(
     q = q.contiguous()
     max_pages = block_tables.shape[1]
     splits = num_splits or choose_num_splits(b, kvh, max_pages)
-    pages_per_split = math.ceil(max_pages / splits)
-    splits = math.ceil(max_pages / pages_per_split)  # no split left with nothing to do by design
     group = h // kvh
     part_out = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
@@ -166,7 +166,6 @@ def paged_decode_attention(
         part_lse,
         scale,
         sliding_window or 0,
-        pages_per_split,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),

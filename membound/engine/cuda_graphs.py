@@ -1,0 +1,177 @@
+"""Decode steps replayed from CUDA graphs: one launch for the whole forward pass.
+
+A decode step of a small model is a few hundred kernels, each a few microseconds of work;
+launched one by one from Python, the gaps between them cost more than the kernels. A CUDA
+graph records the launches once and replays them in one call. Graphs have fixed shapes, so
+one is captured per batch size of a ladder (1, 2, 4, 8, then every 8) and a batch is padded
+up to the next size. Padding rows decode token 0 at position 0 into a scratch KV block that
+the allocator never hands out, so they cannot touch a real sequence.
+
+Every graph reads its inputs from the same static buffers: the host fills pinned copies of
+them and sends only the rows (and block-table columns) in use, asynchronously. The forward
+pass is identical with or without capture; `capture=False` runs it eagerly on the padded
+buffers, which is how the CPU tests check the padding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from membound.attention.base import AttentionMetadata
+
+log = logging.getLogger("membound")
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then multiples of 8, ending at max_batch."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be positive, got {max_batch}")
+    sizes = [s for s in (1, 2, 4) if s < max_batch] + list(range(8, max_batch, 8))
+    return sizes + [max_batch]
+
+
+def padded_size(ladder: list[int], batch: int) -> int:
+    for s in ladder:
+        if s >= batch:
+            return s
+    raise ValueError(f"batch {batch} is larger than the largest captured size {ladder[-1]}")
+
+
+class DecodeGraphs:
+    """Static decode buffers plus, on CUDA, one captured graph per ladder size."""
+
+    def __init__(
+        self,
+        model,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        max_model_len: int,
+        max_batch: int,
+        pad_block: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.ladder = batch_ladder(max_batch)
+        self.max_blocks = math.ceil(max_model_len / block_size)
+        self.pad_block = pad_block
+        self.device = device
+        b, w = self.ladder[-1], self.max_blocks
+        pin = device.type == "cuda"
+        # [ids, positions, slots, seq_lens] per row, and the block table: host (pinned) and device twins.
+        self.host_rows = torch.zeros(4, b, dtype=torch.int64, pin_memory=pin)
+        self.host_table = torch.zeros(b, w, dtype=torch.int32, pin_memory=pin)
+        self.rows = torch.zeros(4, b, dtype=torch.int64, device=device)
+        self.table = torch.full((b, w), pad_block, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.graph_bytes = 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.ladder[-1]
+
+    def _forward(self, bs: int, seq_lens_host: tuple[int, ...]) -> torch.Tensor:
+        """The decode forward on the first bs static rows; [bs, vocab] fp32 logits."""
+        ids, positions, slots, _ = self.rows[:, :bs]
+        # Written inside the graph, so the replay itself turns the int64 upload into int32 lengths.
+        self.seq_lens[:bs].copy_(self.rows[3, :bs])
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            block_tables=self.table[:bs],
+            seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            num_decodes=bs,
+            seq_lens_host=seq_lens_host,
+            query_start_loc_host=tuple(range(bs + 1)),
+        )
+        hidden = self.model(ids, positions, self.kv_caches, meta)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self, sizes: list[int] | None = None) -> int:
+        """Capture the ladder (or `sizes`), largest first so the smaller ones reuse its memory pool.
+
+        Returns the bytes the graphs hold (their shared pool plus the logits outputs).
+        """
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        t0 = time.perf_counter()
+        self._fill_padding(0, self.max_batch)
+        self.rows[:, :].copy_(self.host_rows)
+        lens = (self.max_model_len,) * self.max_batch
+        sizes = sorted(sizes or self.ladder, reverse=True)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # Warm-up of every size on a side stream: Triton compiles (split counts differ per
+            # batch), cuBLAS picks its algorithms; nothing may compile during a capture.
+            for bs in sizes:
+                self._forward(bs, lens[:bs])
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for bs in sizes:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[bs] = self._forward(bs, lens[:bs])
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        self.graph_bytes = torch.cuda.memory_allocated(self.device) - before
+        log.info(
+            "captured %d CUDA graphs (batch %s) in %.1fs, %.1f MiB",
+            len(self.graphs),
+            ",".join(map(str, sorted(self.graphs))),
+            time.perf_counter() - t0,
+            self.graph_bytes / 2**20,
+        )
+        return self.graph_bytes
+
+    def _fill_padding(self, lo: int, hi: int) -> None:
+        """Rows lo..hi decode token 0 at position 0 into the scratch block."""
+        self.host_rows[:, lo:hi] = 0
+        self.host_rows[2, lo:hi] = self.pad_block * self.block_size
+        self.host_rows[3, lo:hi] = 1
+        self.host_table[lo:hi, 0] = self.pad_block
+
+    def run(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """One decode step for len(token_ids) sequences; [B, vocab] fp32 logits (a view, valid until the
+        next run). positions[i] is the new token's position, so the sequence length is positions[i] + 1."""
+        n = len(token_ids)
+        bs = padded_size(self.ladder, n)
+        rows = self.host_rows
+        rows[0, :n] = torch.tensor(token_ids, dtype=torch.int64)
+        rows[1, :n] = torch.tensor(positions, dtype=torch.int64)
+        rows[2, :n] = torch.tensor(slots, dtype=torch.int64)
+        rows[3, :n] = rows[1, :n] + 1
+        self._fill_padding(n, bs)
+        width = max(len(t) for t in block_tables)
+        for i, t in enumerate(block_tables):
+            self.host_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # Only the rows in use and the columns any of them reaches travel to the device.
+        self.rows[:, :bs].copy_(rows[:, :bs], non_blocking=True)
+        self.table[:bs, :width].copy_(self.host_table[:bs, :width], non_blocking=True)
+        graph = self.graphs.get(bs)
+        if graph is not None:
+            graph.replay()
+            return self.logits[bs][:n]
+        lens = tuple(p + 1 for p in positions) + (1,) * (bs - n)
+        with torch.inference_mode():
+            return self._forward(bs, lens)[:n]
