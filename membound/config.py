@@ -37,6 +37,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # schedule step N+1 while step N runs; None: on for CUDA
     quantization: str | None = None  # int8 / int4 / fp8: decoder-layer weights quantized at load (RTN)
     kv_cache_dtype: str = "auto"  # auto: the run dtype; fp8: float8 e4m3 (scale 1), half of bf16's bytes
 
@@ -70,6 +71,8 @@ class EngineConfig:
             raise ConfigError(f"quantization must be int8, int4, fp8 or None, got {self.quantization!r}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ConfigError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
 

@@ -65,8 +65,13 @@ class DecodeGraphs:
         b, w = self.ladder[-1], self.max_blocks
         pin = device.type == "cuda"
         # [ids, positions, slots, seq_lens] per row, and the block table: host (pinned) and device twins.
-        self.host_rows = torch.zeros(4, b, dtype=torch.int64, pin_memory=pin)
-        self.host_table = torch.zeros(b, w, dtype=torch.int32, pin_memory=pin)
+        # Two host sets alternate: with overlapped scheduling the next step is filled while the
+        # previous upload may still be in flight.
+        self._host = [
+            (torch.zeros(4, b, dtype=torch.int64, pin_memory=pin), torch.zeros(b, w, dtype=torch.int32, pin_memory=pin))
+            for _ in range(2)
+        ]
+        self.host_rows, self.host_table = self._host[0]
         self.rows = torch.zeros(4, b, dtype=torch.int64, device=device)
         self.table = torch.full((b, w), pad_block, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
@@ -151,11 +156,15 @@ class DecodeGraphs:
         positions: list[int],
         slots: list[int],
         block_tables: list[list[int]],
+        prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One decode step for len(token_ids) sequences; [B, vocab] fp32 logits (a view, valid until the
-        next run). positions[i] is the new token's position, so the sequence length is positions[i] + 1."""
+        next run). positions[i] is the new token's position, so the sequence length is positions[i] + 1.
+        prev: (device ids, row index) that replace token_ids, for a step scheduled ahead of its inputs."""
         n = len(token_ids)
         bs = padded_size(self.ladder, n)
+        self._host.reverse()
+        self.host_rows, self.host_table = self._host[0]
         rows = self.host_rows
         rows[0, :n] = torch.tensor(token_ids, dtype=torch.int64)
         rows[1, :n] = torch.tensor(positions, dtype=torch.int64)
@@ -168,6 +177,8 @@ class DecodeGraphs:
         # Only the rows in use and the columns any of them reaches travel to the device.
         self.rows[:, :bs].copy_(rows[:, :bs], non_blocking=True)
         self.table[:bs, :width].copy_(self.host_table[:bs, :width], non_blocking=True)
+        if prev is not None:
+            self.rows[0, :n].copy_(prev[0][prev[1]])
         graph = self.graphs.get(bs)
         if graph is not None:
             graph.replay()

@@ -14,10 +14,10 @@ from membound.config import EngineConfig
 from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.kv_cache import BlockAllocator, KVCacheSpec, allocate_kv_cache, blocks_needed
 from membound.engine.memory import MemoryPlan, plan_memory
-from membound.engine.model_runner import ModelRunner
+from membound.engine.model_runner import LaunchedStep, ModelRunner
 from membound.engine.request import Request
 from membound.engine.sampler import SamplingBatch, sample
-from membound.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from membound.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from membound.errors import ConfigError, InvalidRequestError
 from membound.model.loader import load_config, load_model, open_gguf, resolve_model
 from membound.model.tokenizer import Tokenizer
@@ -129,6 +129,10 @@ class LLMEngine:
             self.runner.graphs = self._build_decode_graphs()
             self.runner.graphs.capture()
         self.requests: dict[str, Request] = {}
+        # Overlap host and device work where there is a device to overlap with.
+        auto = self.device.type == "cuda"
+        self.async_scheduling = auto if config.async_scheduling is None else config.async_scheduling
+        self._inflight: LaunchedStep | None = None
         self._prompt_tokens_computed = 0
         self._generation_tokens = 0
         log.info(
@@ -230,26 +234,73 @@ class LLMEngine:
     # ------------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and report every request that made progress."""
+        """Schedule, run the model once, and report every request that made progress.
+
+        With async scheduling, a step's result is reported by the next call: while the device
+        runs step N, the host schedules and launches step N+1 (every sequence of N decoding the
+        token N sampled, read on the device), and only then waits for N's tokens, appends them,
+        checks stops and builds the outputs. A sequence that N finished has its N+1 row dropped.
+        Anything the look-ahead cannot do (new requests, prompts mid-prefill, preemption,
+        penalties that need N's token) waits for N and is scheduled as usual.
+        """
+        inflight, self._inflight = self._inflight, None
+        ahead = self._launch_ahead(inflight) if inflight is not None else None
+        outputs = self._finish(inflight) if inflight is not None else []
+        if ahead is not None:
+            self._inflight = ahead
+            return outputs
         sched = self.scheduler.schedule()
         if not sched.scheduled:
-            return []
+            return outputs
         now = time.time()
         for s in sched.scheduled:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
-        result = self.runner.execute(sched)
-        outputs = self._update(sched, result)
-        self._prompt_tokens_computed += sched.num_tokens - sched.num_decodes
-        self._generation_tokens += len(outputs)
-        return outputs
+        launched = self.runner.launch(sched)
+        if self.async_scheduling:
+            self._inflight = launched
+            return outputs
+        return outputs + self._finish(launched)
 
-    def _update(self, sched: SchedulerOutput, result) -> list[RequestOutput]:
+    def _launch_ahead(self, prev: LaunchedStep) -> LaunchedStep | None:
+        """Launch the step after `prev` before its tokens reach the host, when that step is pure decode."""
+        if not self.async_scheduling or prev.ids is None or self.scheduler.waiting:
+            return None
+        if len(prev.sampling) != len(prev.sched.scheduled):
+            return None  # a prompt is mid-prefill: the scheduler decides its next chunk
+        reqs, rows = [], []
+        for row, req in enumerate(prev.sampling):
+            if req.is_finished:
+                continue  # aborted meanwhile
+            if req.params.uses_penalties:
+                return None  # the penalty counts need the token on its way
+            if req.num_output_tokens + 1 >= req.max_output:
+                continue  # prev's token is its last
+            if not self.scheduler.reserve(req, req.num_tokens + 1):
+                return None  # the pool is short: the scheduler preempts
+            reqs.append(req)
+            rows.append(row)
+        if not reqs:
+            return None
+        sched = SchedulerOutput([ScheduledRequest(r, 1) for r in reqs], len(reqs), [])
+        return self.runner.launch(sched, (prev.ids, torch.tensor(rows, device=self.device)))
+
+    def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
+        return self._update(launched.sched, self.runner.fetch(launched), launched.sampling)
+
+    def _update(self, sched: SchedulerOutput, result, sampling: list[Request] | None = None) -> list[RequestOutput]:
+        """Commit a step that ran and record its tokens; `sampling` are the requests behind the rows
+        of `result` (by default those whose pending tokens the step completed)."""
         outputs = []
         now = time.time()
-        sampled = [s.request for s in sched.scheduled if s.samples]  # before commit moves the counts
-        self.scheduler.commit(sched)
-        for row, req in enumerate(sampled):
+        if sampling is None:
+            sampling = [s.request for s in sched.scheduled if s.samples]  # before commit moves the counts
+        # A request finished (or aborted) while this step was in flight has no blocks left to commit.
+        live = [s for s in sched.scheduled if not s.request.is_finished]
+        self.scheduler.commit(dataclasses.replace(sched, scheduled=live))
+        for row, req in enumerate(sampling):
+            if req.is_finished:
+                continue
             token = result.token_ids[row]
             lp = None
             if req.logprobs is not None:
@@ -267,6 +318,8 @@ class LLMEngine:
                 self.scheduler.remove(req)
                 self.requests.pop(req.request_id, None)
             outputs.append(self.request_output(req))
+        self._prompt_tokens_computed += sched.num_tokens - sched.num_decodes
+        self._generation_tokens += len(outputs)
         return outputs
 
     def request_output(self, req: Request) -> RequestOutput:

@@ -14,6 +14,7 @@ import torch
 
 from membound.attention.base import AttentionMetadata
 from membound.engine.cuda_graphs import DecodeGraphs
+from membound.engine.request import Request
 from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, unpack
 from membound.engine.scheduler import SchedulerOutput
 from membound.model.llama import LlamaForCausalLM
@@ -28,26 +29,48 @@ class ModelInputs:
 
 
 class HostCopier:
-    """Device-to-host copies through reusable pinned buffers: the copy is asynchronous, and the
-    host waits on an event for exactly that copy instead of a whole-device synchronize."""
+    """Device-to-host copies into reusable pinned buffers: `start` enqueues the copy and returns at
+    once, `wait` blocks on an event for exactly that copy (not a whole-device synchronize). Two
+    buffers alternate, so one step's result can still be in flight while the next is copied."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._buffers: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else None
+        self._turn = 0
 
-    def fetch(self, t: torch.Tensor) -> torch.Tensor:
-        if self._event is None:
-            return t
-        buf = self._buffers.get(t.dtype)
+    def start(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if self._events is None:
+            return t, None
+        self._turn ^= 1
+        buffers = self._buffers[self._turn]
+        buf = buffers.get(t.dtype)
         if buf is None or buf.numel() < t.numel():
             buf = torch.empty(max(t.numel(), 4096), dtype=t.dtype, pin_memory=True)
-            self._buffers[t.dtype] = buf
+            buffers[t.dtype] = buf
         host = buf[: t.numel()].view(t.shape)
         host.copy_(t, non_blocking=True)
-        self._event.record()
-        self._event.synchronize()
+        event = self._events[self._turn]
+        event.record()
+        return host, event
+
+    @staticmethod
+    def wait(pending: tuple[torch.Tensor, torch.cuda.Event | None]) -> torch.Tensor:
+        host, event = pending
+        if event is not None:
+            event.synchronize()
         return host
+
+
+@dataclasses.dataclass
+class LaunchedStep:
+    """A step whose work is queued on the device; `ModelRunner.fetch` brings its result back."""
+
+    sched: SchedulerOutput
+    sampling: list[Request]  # the requests behind the result's rows, in order
+    batch: SamplingBatch | None
+    ids: torch.Tensor | None  # sampled ids on the device [len(sampling)]: the next step's inputs
+    pending: tuple[torch.Tensor, torch.cuda.Event | None] | None
 
 
 class ModelRunner:
@@ -68,7 +91,7 @@ class ModelRunner:
         self.copier = HostCopier(device)
         self.graphs: DecodeGraphs | None = None  # set by the engine when decode steps are padded/captured
 
-    def prepare(self, sched: SchedulerOutput) -> ModelInputs:
+    def prepare(self, sched: SchedulerOutput, prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelInputs:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -78,14 +101,18 @@ class ModelRunner:
         bs = self.block_size
         for s in sched.scheduled:
             req = s.request
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            ids.extend(req.token_ids[start:end])
+            if prev is None:
+                start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+                ids.extend(req.token_ids[start:end])
+            else:  # decoding the token still on its way from the device: filled in below
+                start, end = req.num_tokens, req.num_tokens + 1
+                ids.append(0)
             positions.extend(range(start, end))
             blocks = req.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             seq_lens.append(end)
             starts.append(starts[-1] + s.num_new_tokens)
-            if s.samples:
+            if prev is not None or s.samples:
                 rows.append(starts[-1] - 1)
         width = max(len(s.request.block_ids) for s in sched.scheduled)
         table = [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in sched.scheduled]
@@ -102,42 +129,57 @@ class ModelRunner:
             seq_lens_host=tuple(seq_lens),
             query_start_loc_host=tuple(starts),
         )
-        return ModelInputs(dev(ids), dev(positions), meta, dev(rows))
+        input_ids = dev(ids)
+        if prev is not None:
+            input_ids.copy_(prev[0][prev[1]])
+        return ModelInputs(input_ids, dev(positions), meta, dev(rows))
 
     @torch.inference_mode()
     def forward_logits(self, inputs: ModelInputs) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.logits_rows])
 
-    def _graph_decode(self, sched: SchedulerOutput) -> torch.Tensor | None:
+    def _graph_decode(
+        self, sched: SchedulerOutput, prev: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor | None:
         """Logits of a pure decode step through the static (and, on CUDA, captured) decode path."""
         g = self.graphs
         if g is None or sched.num_decodes != len(sched.scheduled) or len(sched.scheduled) > g.max_batch:
-            return None
-        if not all(s.samples for s in sched.scheduled):  # a one-token prompt chunk that is not the last
             return None
         bs = self.block_size
         ids, positions, slots, tables = [], [], [], []
         for s in sched.scheduled:
             req = s.request
-            p = req.num_computed_tokens
-            ids.append(req.token_ids[p])
+            p = req.num_computed_tokens if prev is None else req.num_tokens
+            ids.append(0 if prev is not None else req.token_ids[p])
             positions.append(p)
             slots.append(req.block_ids[p // bs] * bs + p % bs)
             tables.append(req.block_ids)
-        return g.run(ids, positions, slots, tables)
+        return g.run(ids, positions, slots, tables, prev)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
-        """Run the step; sample for every request that finished its pending tokens."""
-        sampling = [s.request for s in sched.scheduled if s.samples]
-        logits = self._graph_decode(sched)
+    def launch(self, sched: SchedulerOutput, prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> LaunchedStep:
+        """Queue the step's forward pass and sampling on the device, and the copy of the result.
+
+        prev: for a step scheduled before the previous one's tokens reached the host, (the
+        previous step's sampled ids on the device, which of its rows each sequence takes); every
+        sequence then decodes the token it sampled last, at position num_tokens.
+        """
+        if prev is None:
+            sampling = [s.request for s in sched.scheduled if s.samples]
+        else:
+            sampling = [s.request for s in sched.scheduled]
+            if sched.num_decodes != len(sampling):
+                raise ValueError("a step built on the previous step's device ids must be all decodes")
+        all_sample = bool(sampling) and len(sampling) == len(sched.scheduled)
+        logits = self._graph_decode(sched, prev) if all_sample else None
         if logits is None:
-            inputs = self.prepare(sched)
+            inputs = self.prepare(sched, prev)
             if not sampling:
                 self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-                return None
+                return LaunchedStep(sched, [], None, None, None)
             logits = self.forward_logits(inputs)
+        pending = 0 if prev is None else 1  # the previous step's token is not in token_ids yet
         batch = SamplingBatch.build(
             [r.params for r in sampling],
             [r.generator for r in sampling],
@@ -145,6 +187,18 @@ class ModelRunner:
             [len(r.prompt_token_ids) for r in sampling],
             self.vocab_size,
             self.device,
-            [r.banned_token_ids() for r in sampling],
+            [r.banned_token_ids(pending) for r in sampling],
         )
-        return unpack(self.copier.fetch(sample_on_device(logits, batch, self.generator)), batch)
+        result = sample_on_device(logits, batch, self.generator)
+        ids = result if result.dim() == 1 else result[:, 0].long()
+        return LaunchedStep(sched, sampling, batch, ids, self.copier.start(result))
+
+    def fetch(self, step: LaunchedStep) -> SamplerOutput | None:
+        """Wait for the step's result on the host."""
+        if step.pending is None:
+            return None
+        return unpack(self.copier.wait(step.pending), step.batch)
+
+    def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
+        """Run the step and wait for it; sample for every request that finished its pending tokens."""
+        return self.fetch(self.launch(sched))

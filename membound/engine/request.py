@@ -96,9 +96,10 @@ class Request:
         if n >= self.max_output:
             self.finish("length")
 
-    def banned_token_ids(self) -> list[int]:
-        """Tokens the sampler must not pick now: EOS and stop tokens until min_tokens is reached."""
-        if self.num_output_tokens >= self.params.min_tokens:
+    def banned_token_ids(self, pending: int = 0) -> list[int]:
+        """Tokens the sampler must not pick now: EOS and stop tokens until min_tokens is reached.
+        pending: sampled tokens not yet appended (a step scheduled ahead of its inputs)."""
+        if self.num_output_tokens + pending >= self.params.min_tokens:
             return []
         return [*self.eos_token_ids, *self.params.stop_token_ids]
 

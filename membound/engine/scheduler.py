@@ -148,6 +148,10 @@ class Scheduler:
                     self.allocator.register(req.block_ids[i], hashes[i])
                 req.num_cached_blocks = full
 
+    def reserve(self, req: Request, num_tokens: int) -> bool:
+        """Blocks for `num_tokens` tokens of a running request, without preempting; False if short."""
+        return self._grow(req, num_tokens)
+
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the longest cached prefix, leaving at least one token to compute."""
         if not self.config.enable_prefix_caching or req.num_computed_tokens:

@@ -61,6 +61,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="never replay decode steps from CUDA graphs (graphs are on by default on CUDA)",
     )
     g.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule and launch step N+1 while step N runs on the device (default: on with CUDA)",
+    )
+    g.add_argument(
         "--attention-backend",
         default="auto",
         choices=["auto", "torch", "triton"],
@@ -101,6 +107,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         quantization=a.quantization,
         kv_cache_dtype=a.kv_cache_dtype,
         enforce_eager=a.enforce_eager,
+        async_scheduling=a.async_scheduling,
         attention_backend=a.attention_backend,
     )
 
