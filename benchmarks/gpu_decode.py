@@ -5,10 +5,12 @@
 Dummy weights with real shapes, bf16. Roofline share = (weight bytes read per step + KV
 bytes read per step) / step time, against the copy bandwidth measured on the same device
 (and against the datasheet where the GPU is in membound's table).
-1. batch-1 decode tok/s, Llama-3-8B and SmolLM2-135M shapes;
+1. batch-1 decode tok/s, Llama-3-8B and SmolLM2-135M shapes, with CUDA graphs and async
+   scheduling (the defaults); SmolLM2 also eager, and graphs without async scheduling;
 2. the decode attention kernel alone, batch 32 x 8k context, Llama-3-8B layer shape;
-3. time per decode step with 1, 64 and 256 running sequences, and the part of it spent in
-   the scheduler on the host.
+3. time per decode step with 1, 64 and 256 running sequences with async scheduling off and
+   on, and the host's share of it (scheduler, input building, output processing): how much
+   of the host time the overlap hides.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def engine_for(preset: str, dev: str, max_len: int, kv_bytes: int | None) -> LLMEngine:
+def engine_for(preset: str, dev: str, max_len: int, kv_bytes: int | None, **kw) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=preset,
@@ -56,12 +58,13 @@ def engine_for(preset: str, dev: str, max_len: int, kv_bytes: int | None) -> LLM
             kv_cache_memory_bytes=kv_bytes,
             max_num_seqs=256,
             max_num_batched_tokens=4096,
+            **kw,
         )
     )
 
 
-def decode_batch1(preset: str, dev: str, prompt_len: int, steps: int, bw_gbs: float, kv_bytes) -> dict:
-    eng = engine_for(preset, dev, prompt_len + steps + 8, kv_bytes)
+def decode_batch1(preset: str, dev: str, prompt_len: int, steps: int, bw_gbs: float, kv_bytes, **kw) -> dict:
+    eng = engine_for(preset, dev, prompt_len + steps + 8, kv_bytes, **kw)
     device = eng.device
     cfg = eng.model_config
     eng.add_request("warm", [1] * prompt_len, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -82,6 +85,8 @@ def decode_batch1(preset: str, dev: str, prompt_len: int, steps: int, bw_gbs: fl
     nbytes = weights + kv
     out = {
         "model": preset,
+        "cuda_graphs": eng.runner.graphs is not None and bool(eng.runner.graphs.graphs),
+        "async_scheduling": eng.async_scheduling,
         "tok_s": 1 / dt,
         "step_ms": dt * 1000,
         "bytes_per_step": nbytes,
@@ -122,36 +127,43 @@ def attention_kernel(dev: str, batch: int, context: int, bw_gbs: float) -> dict:
 
 
 def host_time(preset: str, dev: str, running: list[int], kv_bytes) -> list[dict]:
-    eng = engine_for(preset, dev, 256, kv_bytes)
-    sched = eng.scheduler
-    spent = {"s": 0.0}
-    for name in ("schedule", "commit"):
-        inner = getattr(sched, name)
-
-        def timed(*a, _inner=inner):
-            t = time.perf_counter()
-            try:
-                return _inner(*a)
-            finally:
-                spent["s"] += time.perf_counter() - t
-
-        setattr(sched, name, timed)
+    """Step time with async scheduling off and on, and the host time inside a synchronous step."""
     rows = []
     for n in running:
-        for i in range(n):
-            eng.add_request(f"{n}-{i}", [3] * 32, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
-        while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in eng.requests.values()):
-            eng.step()  # prefill everyone first
-        sync(eng.device)
-        spent["s"] = 0.0
-        t0, steps = time.perf_counter(), 16
-        for _ in range(steps):
-            eng.step()
-        sync(eng.device)
-        dt = (time.perf_counter() - t0) / steps
-        rows.append({"running": n, "step_ms": dt * 1000, "scheduler_ms": spent["s"] / steps * 1000})
-        for rid in list(eng.requests):
-            eng.abort_request(rid)
+        row = {"running": n}
+        for mode in (False, True):
+            eng = engine_for(preset, dev, 256, kv_bytes, async_scheduling=mode)
+            spent = {"host": 0.0}
+            # Host phases of a step: scheduling, building inputs + launching, output processing.
+            for obj, name in ((eng.scheduler, "schedule"), (eng, "_finish"), (eng.runner, "prepare")):
+                inner = getattr(obj, name)
+
+                def timed(*a, _inner=inner, spent=spent):
+                    t = time.perf_counter()
+                    try:
+                        return _inner(*a)
+                    finally:
+                        spent["host"] += time.perf_counter() - t
+
+                setattr(obj, name, timed)
+            for i in range(n):
+                eng.add_request(f"{n}-{i}", [3] * 32, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+            for _ in range(6):
+                eng.step()  # prefill everyone, then a few decodes (async: the pipeline fills)
+            sync(eng.device)
+            spent["host"] = 0.0
+            t0, steps = time.perf_counter(), 24
+            for _ in range(steps):
+                eng.step()
+            sync(eng.device)
+            dt = (time.perf_counter() - t0) / steps
+            key = "async" if mode else "sync"
+            row[f"{key}_step_ms"] = dt * 1000
+            if not mode:  # in a synchronous step _finish includes the wait for the device
+                row["sync_host_ms_upper"] = spent["host"] / steps * 1000
+            del eng
+        row["hidden_ms"] = row["sync_step_ms"] - row["async_step_ms"]
+        rows.append(row)
     return rows
 
 
@@ -177,11 +189,16 @@ def main() -> None:
         "torch": torch.__version__,
         "ceilings": ceil.__dict__,
         "spec_bandwidth_gbs": spec.bandwidth_gbs if spec else None,
-        "cuda_graphs": False,  # decode runs eagerly until CUDA graphs land
     }
     presets = ["smollm2-135m"] if a.smoke else ["llama-3-8b", "smollm2-135m"]
     steps = 8 if a.smoke else 128
-    result["decode_batch1"] = [decode_batch1(p, dev, 128, steps, ceil.copy_bandwidth_gbs, kv_bytes) for p in presets]
+    bw = ceil.copy_bandwidth_gbs
+    result["decode_batch1"] = [decode_batch1(p, dev, 128, steps, bw, kv_bytes) for p in presets]
+    # Launch gaps and host stalls matter most for the small model: graphs off, and async off.
+    result["decode_batch1"] += [
+        decode_batch1("smollm2-135m", dev, 128, steps, bw, kv_bytes, enforce_eager=True, async_scheduling=False),
+        decode_batch1("smollm2-135m", dev, 128, steps, bw, kv_bytes, async_scheduling=False),
+    ]
     for r in result["decode_batch1"]:
         if spec:
             r["roofline_share_spec"] = r["achieved_gbs"] / spec.bandwidth_gbs
@@ -191,13 +208,16 @@ def main() -> None:
 
     print(f"device {ceil.device}: copy {ceil.copy_bandwidth_gbs:,.0f} GB/s, matmul {ceil.matmul_tflops:,.1f} TFLOPS")
     for r in result["decode_batch1"]:
-        print(f"decode batch 1 {r['model']:>14}: {r['tok_s']:8,.1f} tok/s, {r['achieved_gbs']:7,.1f} GB/s, "
+        mode = ("graphs" if r["cuda_graphs"] else "eager") + ("+async" if r["async_scheduling"] else "")
+        print(f"decode batch 1 {r['model']:>14} {mode:>12}: {r['tok_s']:8,.1f} tok/s, {r['achieved_gbs']:7,.1f} GB/s, "
               f"{r['roofline_share_measured']:.0%} of measured bandwidth")  # fmt: skip
     k = result["attention_kernel"]
     print(f"decode attention b{k['batch']} x {k['context']}: {k['ms']:.3f} ms, {k['gbs']:,.0f} GB/s "
           f"({k['share_measured']:.0%} of measured)")  # fmt: skip
     for r in result["host_time"]:
-        print(f"{r['running']:>4} running: step {r['step_ms']:.2f} ms, scheduler {r['scheduler_ms']:.2f} ms")
+        print(f"{r['running']:>4} running: step {r['sync_step_ms']:.2f} ms sync, {r['async_step_ms']:.2f} ms async "
+              f"(hidden {r['hidden_ms']:.2f} ms; host phases of a sync step "
+              f"<= {r['sync_host_ms_upper']:.2f} ms)")  # fmt: skip
     path = pathlib.Path(a.output or ROOT / "benchmarks" / "results" / f"gpu_decode_{result['date']}.json")
     path.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {path}")

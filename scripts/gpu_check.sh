@@ -14,10 +14,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | tee "$out/gpu_smi_$day.txt"
-python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py 2>&1 | tee "$out/gpu_tests_$day.log"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py \
+  tests/test_cuda_graphs.py tests/test_quant_kernels.py tests/test_async_scheduling.py 2>&1 | tee "$out/gpu_tests_$day.log"
 tests_rc=${PIPESTATUS[0]}
 python3 benchmarks/gpu_decode.py --output "$out/gpu_decode_$day.json" 2>&1 | tee "$out/gpu_decode_$day.log"
 bench_rc=${PIPESTATUS[0]}
+python3 benchmarks/gpu_quant.py --out "$out/gpu_quant_$day.json" 2>&1 | tee "$out/gpu_quant_$day.log"
+[ "${PIPESTATUS[0]}" = 0 ] || bench_rc=1
 for m in llama-3-8b smollm2-135m; do
   python3 -m membound.entrypoints.cli bench latency "$m" --load-format dummy --prompt-lens 512,4096 \
     --batches 1,16,64 --contexts 512,4096 --no-progress --output-json "$out/gpu_latency_${m}_$day.json" \

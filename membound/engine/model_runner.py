@@ -17,6 +17,7 @@ from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.request import Request
 from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, unpack
 from membound.engine.scheduler import SchedulerOutput
+from membound.engine.transfer import to_device
 from membound.model.llama import LlamaForCausalLM
 
 
@@ -118,7 +119,7 @@ class ModelRunner:
         table = [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in sched.scheduled]
 
         def dev(values, dtype=torch.int64):
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            return to_device(values, dtype, self.device)
 
         meta = AttentionMetadata(
             slot_mapping=dev(slots),

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from membound.engine.transfer import to_device
 from membound.sampling_params import SamplingParams
 
 
@@ -44,7 +45,7 @@ class SamplingBatch:
         banned: list[list[int]] | None = None,
     ) -> SamplingBatch:
         def t(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)
+            return to_device(values, dtype, device)
 
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
         pairs = [(row, tok) for row, toks in enumerate(banned or []) for tok in toks if tok < vocab_size]
@@ -86,14 +87,14 @@ class Penalties:
         for i, ids in enumerate(token_ids):
             padded[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
             is_output[i, num_prompt_tokens[i] : len(ids)] = 1
-        padded, is_output = padded.to(device), is_output.to(device)
+        padded, is_output = to_device(padded, torch.int64, device), to_device(is_output, torch.float32, device)
         counts = torch.zeros((b, vocab_size + 1), dtype=torch.float32, device=device)
         counts.scatter_add_(1, padded, is_output)
         seen = torch.zeros((b, vocab_size + 1), dtype=torch.bool, device=device)
         seen.scatter_(1, padded, True)
 
         def col(values):
-            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+            return to_device(values, torch.float32, device)[:, None]
 
         return cls(
             repetition=col([p.repetition_penalty for p in params]),
@@ -144,7 +145,7 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
     the ids [B] (int64), or with logprobs [B, 2 + 2k] fp32 (id, its logprob, top-k values, top-k ids)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
     if batch.banned is not None:
-        logits = logits.index_put(batch.banned, torch.tensor(float("-inf"), device=logits.device))
+        logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
     greedy_ids = logits.argmax(dim=-1)
