@@ -1,6 +1,9 @@
-"""Weight formats on CPU, one run: decode tok/s and quality of SmolLM2-135M at fp32, int8, int4, fp8.
+"""Weight formats on CPU, one run: decode tok/s and quality of SmolLM2-135M at fp32, gguf, int8, int4, fp8.
 
-    python benchmarks/cpu_quant.py [--repeats 2] [--new-tokens 32]
+    python benchmarks/cpu_quant.py [--repeats 2] [--new-tokens 32] [--formats none,gguf,int8,int4,fp8]
+
+fp32 is quantization="none" (the GGUF dequantized); gguf is the default for a GGUF file (its Q4_1
+and Q8_0 blocks kept packed).
 
 Decode rate = batch x (N - 1) / (t(N new tokens) - t(1 new token)) at batch 1 and 16, every
 format in each repeat (order rotated), medians reported. Quality: mean KL divergence and top-1
@@ -27,7 +30,7 @@ from membound import LLM, SamplingParams  # noqa: E402
 from membound.bench.common import run_record, weight_bytes_per_step  # noqa: E402
 from tests.conftest import full_logits  # noqa: E402
 
-FORMATS = [None, "int8", "int4", "fp8"]
+FORMATS = ["none", "gguf", "int8", "int4", "fp8"]
 
 
 def decode_rate(llm: LLM, batch: int, n: int) -> float:
@@ -46,8 +49,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated; none (fp32) is always run")
     a = ap.parse_args()
-    llms = {f or "fp32": LLM(max_model_len=256, kv_cache_memory_bytes=64 << 20, quantization=f) for f in FORMATS}
+    formats = ["none"] + [f for f in a.formats.split(",") if f and f != "none"]
+    llms = {
+        "fp32" if f == "none" else f: LLM(max_model_len=256, kv_cache_memory_bytes=64 << 20, quantization=f)
+        for f in formats
+    }
     ref = llms["fp32"]
     text = ref.generate("Once upon a time, in a small village", SamplingParams(temperature=0.8, seed=1, max_tokens=96))
     ids = text[0].prompt_token_ids + text[0].outputs[0].token_ids

@@ -11,6 +11,7 @@ from membound.errors import ConfigError
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+QUANTIZATIONS = ("auto", "gguf", "none", "int8", "int4", "fp8")
 
 
 @dataclasses.dataclass
@@ -38,8 +39,12 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # schedule step N+1 while step N runs; None: on for CUDA
-    quantization: str | None = None  # int8 / int4 / fp8: decoder-layer weights quantized at load (RTN)
-    kv_cache_dtype: str = "auto"  # auto: the run dtype; fp8: float8 e4m3 (scale 1), half of bf16's bytes
+    # auto: "gguf" for a GGUF file, else "none". gguf: keep the file's quantized blocks packed
+    # (quant/gguf_blocks.py). none (or None): dequantize everything to `dtype`. int8 / int4 / fp8:
+    # decoder-layer weights quantized at load by round-to-nearest (int4 on a Q4 GGUF: its blocks).
+    quantization: str | None = "auto"
+    # auto: the run dtype; fp8: float8 e4m3 (scale 1); int8: codes + an fp32 scale per token and head
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -67,10 +72,12 @@ class EngineConfig:
         self.dtype = dtype
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if self.quantization is not None and self.quantization not in ("int8", "int4", "fp8"):
-            raise ConfigError(f"quantization must be int8, int4, fp8 or None, got {self.quantization!r}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ConfigError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r}")
+        if self.quantization is None:
+            self.quantization = "none"
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be {', '.join(QUANTIZATIONS)} (or None), got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8", "int8"):
+            raise ConfigError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
         if self.async_scheduling not in (None, True, False):
             raise ConfigError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.load_format not in ("auto", "dummy"):

@@ -143,8 +143,14 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2() -> LLM:
-    """The embedded SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), loaded once."""
+    """The embedded SmolLM2-135M-Instruct as it runs by default: its Q4_1 / Q8_0 blocks kept packed."""
     return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20)
+
+
+@pytest.fixture(scope="session")
+def smollm2_none() -> LLM:
+    """The same GGUF dequantized to fp32 (quantization="none"): what HF transformers computes from it."""
+    return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20, quantization="none")
 
 
 def pytest_collection_modifyitems(config, items):

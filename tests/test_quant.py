@@ -61,7 +61,7 @@ def test_int4_quantize_round_to_nearest_error_is_within_half_a_step():
 def test_int8_and_fp8_match_dequantize_then_matmul(n, k):
     gen = torch.Generator().manual_seed(n * k)
     w, x = torch.randn(n, k, generator=gen), torch.randn(5, k, generator=gen)
-    i8 = Int8Linear(w)
+    i8 = Int8Linear.quantize(w)
     want = x @ i8.dequantize().t()
     assert (i8._fast(x) is not None) == (k % 32 == 0)
     assert _rel_err(i8(x), want) < BF16_RTOL
@@ -77,13 +77,13 @@ def test_group_size_choice():
 
 
 @pytest.fixture(scope="module")
-def smollm2_text(smollm2):
+def smollm2_text(smollm2_none):
     """Model-generated text (fixed seed) and the full-precision log-probs at every position."""
-    out = smollm2.generate(
+    out = smollm2_none.generate(
         "Once upon a time, in a small village", SamplingParams(temperature=0.8, seed=1, max_tokens=96)
     )
     ids = out[0].prompt_token_ids + out[0].outputs[0].token_ids
-    return ids, torch.log_softmax(full_logits(smollm2.engine, ids), -1)
+    return ids, torch.log_softmax(full_logits(smollm2_none.engine, ids), -1)
 
 
 @pytest.mark.parametrize(("fmt", "max_kl", "min_top1"), [("int8", 0.02, 0.85), ("fp8", 0.06, 0.8), ("int4", 0.01, 0.9)])
@@ -109,7 +109,7 @@ def test_default_smollm2_at_int4_still_answers_paris():
 
 
 def test_bad_quantization_is_a_clear_error():
-    with pytest.raises(ConfigError, match="quantization must be int8, int4, fp8 or None"):
+    with pytest.raises(ConfigError, match=r"quantization must be auto, gguf, none, int8, int4, fp8 \(or None\)"):
         LLM("x", quantization="int3")
 
 
@@ -166,17 +166,23 @@ def test_int4_smollm2_runs_on_the_files_blocks(caplog):
 # ---------------------------------------------------------------------- fp8 KV cache
 
 
-def test_fp8_kv_cache_quadruples_capacity_and_stays_close(smollm2_text):
+@pytest.mark.parametrize(
+    ("kv_dtype", "per_head_bytes", "max_kl"),
+    [("fp8", 64, 0.05), ("int8", 64 + 4, 0.01)],  # SmolLM2: head_dim 64; int8 adds an fp32 scale per head
+)
+def test_low_precision_kv_cache_multiplies_capacity_and_stays_close(smollm2_text, kv_dtype, per_head_bytes, max_kl):
     ids, p = smollm2_text
-    base = LLM(max_model_len=256, kv_cache_memory_bytes=16 << 20)
-    fp8 = LLM(max_model_len=256, kv_cache_memory_bytes=16 << 20, kv_cache_dtype="fp8")
-    assert fp8.engine.kv_spec.bytes_per_token * 4 == base.engine.kv_spec.bytes_per_token  # fp32 run dtype here
-    assert fp8.engine.allocator.num_blocks >= 4 * base.engine.allocator.num_blocks - 1
-    q = torch.log_softmax(full_logits(fp8.engine, ids), -1)
+    # Weights dequantized like the reference's (quantization="none"): only the KV cache differs.
+    base = LLM(max_model_len=256, kv_cache_memory_bytes=16 << 20, quantization="none")
+    low = LLM(max_model_len=256, kv_cache_memory_bytes=16 << 20, quantization="none", kv_cache_dtype=kv_dtype)
+    # fp32 run dtype here: 256 bytes per head vector.
+    assert low.engine.kv_spec.bytes_per_token * 256 == base.engine.kv_spec.bytes_per_token * per_head_bytes
+    assert low.engine.allocator.num_blocks >= 256 // per_head_bytes * base.engine.allocator.num_blocks - 1
+    q = torch.log_softmax(full_logits(low.engine, ids), -1)
     kl = (p.exp() * (p - q)).sum(-1).mean().item()
     top1 = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
-    assert 0 < kl < 0.05 and top1 >= 0.85, (kl, top1)
-    out = fp8.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0))
+    assert 0 < kl < max_kl and top1 >= 0.85, (kl, top1)
+    out = low.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(temperature=0))
     assert "Paris" in out[0].outputs[0].text
 
 
@@ -192,5 +198,5 @@ def test_fp8_kv_write_saturates_instead_of_nan():
 
 
 def test_bad_kv_cache_dtype():
-    with pytest.raises(ConfigError, match="kv_cache_dtype must be auto or fp8"):
+    with pytest.raises(ConfigError, match="kv_cache_dtype must be auto, fp8 or int8"):
         LLM("x", kv_cache_dtype="int2")

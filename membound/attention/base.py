@@ -64,4 +64,5 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # int8 cache: [KVH, num_blocks, block_size]
     ) -> torch.Tensor: ...

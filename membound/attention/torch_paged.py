@@ -11,16 +11,39 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
 
 
+INT8_MAX = 127.0
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per vector of the last dim: (codes, scales [...]).
+    Rounds half up (floor(x + 0.5)), as the Triton KV-write kernel does."""
+    xf = x.float()
+    scale = xf.abs().amax(-1).clamp(min=1e-8) / INT8_MAX
+    return (xf / scale[..., None] + 0.5).floor().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
 def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Scatter each new token's K/V ([T, KVH, D]) into its slot of the paged cache."""
+    """Scatter each new token's K/V ([T, KVH, D]) into its slot of the paged cache.
+
+    An int8 cache comes with kv_scales ([KVH, num_blocks, block_size] fp32 each): one scale per
+    token and head, so an outlier token costs precision only for itself."""
     kvh, _, _, d = k_cache.shape
     k, v = k.transpose(0, 1), v.transpose(0, 1)
+    if k_cache.dtype == torch.int8:
+        if kv_scales is None:
+            raise ValueError("an int8 KV cache needs its scales")
+        for x, cache, scales in ((k, k_cache, kv_scales[0]), (v, v_cache, kv_scales[1])):
+            codes, sc = quantize_int8(x)
+            cache.view(kvh, -1, d).index_copy_(1, slot_mapping, codes)
+            scales.view(kvh, -1).index_copy_(1, slot_mapping, sc)
+        return
     if k_cache.dtype == FP8:
         # e4m3 has no infinity (out-of-range casts give NaN), and CPU index_copy_ has no fp8 kernel:
         # clamp, cast, and scatter the bytes.
@@ -31,6 +54,16 @@ def write_kv(
     v_cache.view(kvh, -1, d).index_copy_(1, slot_mapping, v.to(v_cache.dtype))
 
 
+def gather_blocks(
+    cache: torch.Tensor, scales: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """[KVH, len(blocks), block_size, D] of the listed blocks in `dtype`, int8 codes times their scales."""
+    x = torch.index_select(cache, 1, blocks)
+    if scales is None:
+        return x.to(dtype)
+    return (x.to(torch.float32) * torch.index_select(scales, 1, blocks)[..., None]).to(dtype)
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, H, D], one query per sequence
     k_cache: torch.Tensor,
@@ -39,6 +72,7 @@ def decode_attention(
     seq_lens: torch.Tensor,  # [B]
     scale: float,
     sliding_window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence over its whole cached context, batched."""
     b, h, d = q.shape
@@ -48,8 +82,9 @@ def decode_attention(
     # batched matmuls with no layout copies, and query heads sharing a KV head go together (GQA).
     # index_select is several times faster than advanced indexing for this gather on CPU.
     flat = block_tables.reshape(-1)
-    keys = torch.index_select(k_cache, 1, flat).view(kvh * b, max_len, d)
-    values = torch.index_select(v_cache, 1, flat).view(kvh * b, max_len, d)
+    keys = gather_blocks(k_cache, None if kv_scales is None else kv_scales[0], flat, q.dtype)
+    values = gather_blocks(v_cache, None if kv_scales is None else kv_scales[1], flat, q.dtype)
+    keys, values = keys.view(kvh * b, max_len, d), values.view(kvh * b, max_len, d)
     qg = q.reshape(b, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * b, h // kvh, d)
     scores = torch.bmm(qg, keys.to(q.dtype).transpose(1, 2)).float() * scale  # [KVH * B, G, L]
     pos = torch.arange(max_len, device=q.device)
@@ -70,14 +105,16 @@ def prefill_attention(
     seq_len: int,
     scale: float,
     sliding_window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of one sequence's new tokens over its cached prefix + themselves."""
     q_len, h, d = q.shape
     kvh, _, block_size, _ = k_cache.shape
     num_blocks = (seq_len + block_size - 1) // block_size
     blocks = block_table[:num_blocks]
-    keys = torch.index_select(k_cache, 1, blocks).view(kvh, -1, d)[:, :seq_len]  # [KVH, L, D]
-    values = torch.index_select(v_cache, 1, blocks).view(kvh, -1, d)[:, :seq_len]
+    ks, vs = kv_scales if kv_scales is not None else (None, None)
+    keys = gather_blocks(k_cache, ks, blocks, q.dtype).view(kvh, -1, d)[:, :seq_len]  # [KVH, L, D]
+    values = gather_blocks(v_cache, vs, blocks, q.dtype).view(kvh, -1, d)[:, :seq_len]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
     k_pos = torch.arange(seq_len, device=q.device)[None, :]
     mask = k_pos <= q_pos
@@ -120,8 +157,9 @@ class TorchPagedAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
         nd = meta.num_decodes
         parts = []
         if nd:
@@ -139,6 +177,7 @@ class TorchPagedAttention:
                         meta.seq_lens[lo:hi],
                         scale,
                         sliding_window,
+                        kv_scales,
                     )
                 )
         starts = meta.query_start_loc_host
@@ -152,6 +191,7 @@ class TorchPagedAttention:
                     meta.seq_lens_host[i],
                     scale,
                     sliding_window,
+                    kv_scales,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

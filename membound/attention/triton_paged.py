@@ -26,9 +26,10 @@ class TritonPagedAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale, sliding_window)
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
+        return self.attend(q, k_cache, v_cache, meta, scale, sliding_window, kv_scales)
 
     def attend(
         self,
@@ -38,6 +39,7 @@ class TritonPagedAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention over K/V already in the cache (this step's included)."""
         from membound.kernels.decode_attention import paged_decode_attention
@@ -48,7 +50,14 @@ class TritonPagedAttention:
         if nd:
             parts.append(
                 paged_decode_attention(
-                    q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale, sliding_window
+                    q[:nd],
+                    k_cache,
+                    v_cache,
+                    meta.block_tables[:nd],
+                    meta.seq_lens[:nd],
+                    scale,
+                    sliding_window,
+                    kv_scales=kv_scales,
                 )
             )
         if nd < meta.num_seqs:
@@ -63,6 +72,7 @@ class TritonPagedAttention:
                     meta.max_prefill_query_len,
                     scale,
                     sliding_window,
+                    kv_scales=kv_scales,
                 )
             )
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)

@@ -71,7 +71,9 @@ def add_bench_parser(sub, engine_args, engine_config) -> None:
 
     ql = bs.add_parser("quality", help="KL divergence and top-1 agreement of quantized variants vs full precision")
     ql.add_argument("model_tag", nargs="?", default=None, metavar="MODEL")
-    ql.add_argument("--formats", default="int8,int4,fp8", help="comma-separated: int8, int4, fp8")
+    ql.add_argument(
+        "--formats", default="int8,int4,fp8", help="comma-separated: int8, int4, fp8, gguf (a GGUF file's own blocks)"
+    )
     ql.add_argument("--tokens", type=int, default=256, help="length of the reference text the model writes")
     ql.add_argument("--text-seed", type=int, default=1)
     engine_args(ql)
@@ -222,10 +224,10 @@ def cmd_quality(a, engine_config) -> int:
     from membound.errors import ConfigError
 
     formats = [f for f in a.formats.split(",") if f]
-    bad = [f for f in formats if f not in ("int8", "int4", "fp8")]
+    bad = [f for f in formats if f not in ("int8", "int4", "fp8", "gguf")]
     if bad or not formats:
-        raise ConfigError(f"--formats takes int8, int4, fp8 (comma-separated), got {a.formats!r}")
-    if a.quantization:
+        raise ConfigError(f"--formats takes int8, int4, fp8, gguf (comma-separated), got {a.formats!r}")
+    if a.quantization not in (None, "auto"):
         raise ConfigError("bench quality compares formats itself; leave out --quantization")
     a.model = a.model_tag or a.model
     if a.max_model_len is None:

@@ -84,8 +84,11 @@ def weight_bytes_per_step(engine: LLMEngine) -> int:
 
     total = linear_weight_bytes(engine.model)[0]
     if not engine.model_config.tie_word_embeddings:
-        emb = engine.model.embed_tokens.weight
-        total -= emb.numel() * emb.element_size()
+        emb = engine.model.embed_tokens
+        if isinstance(emb, torch.nn.Embedding):
+            total -= emb.weight.numel() * emb.weight.element_size()
+        else:  # kept packed (quant.linear.Int8Embedding): a lookup reads a few rows
+            total -= emb.weight_nbytes()
     return total
 
 

@@ -48,10 +48,15 @@ def _instrument(engine: LLMEngine, spent: dict[str, float]):
     wrap(engine.scheduler, "commit", "scheduling")
     wrap(engine.runner, "prepare", "input_prep")
     wrap(engine.runner, "forward_logits", "forward", after_sync=True)
-    wrap(model_runner, "sample", "sampling_transfer")
+    wrap(engine.runner, "_graph_decode", "forward", after_sync=True)
+    wrap(model_runner, "sample_on_device", "sampling_transfer")
+    wrap(engine.runner, "fetch", "sampling_transfer")
+    # Phases are timed one after another: with async scheduling they would overlap.
+    was_async, engine.async_scheduling = engine.async_scheduling, False
     try:
         yield
     finally:
+        engine.async_scheduling = was_async
         for obj, name, inner in reversed(patches):
             setattr(obj, name, inner)
 
@@ -93,7 +98,13 @@ def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, s
             flops / (ceil.matmul_tflops * 1e12),
             f"{flops / 1e9:,.2f} GFLOP / measured matmul rate",
         ),
-        ("launch overhead", None, "eager - CUDA graphs: decode does not run through graphs yet"),
+        (
+            "launch overhead",
+            None,
+            "decode replays CUDA graphs (eager vs graphs: benchmarks/gpu_decode.py)"
+            if engine.runner.graphs is not None
+            else "decode runs eagerly here (CUDA graphs on GPUs unless --enforce-eager)",
+        ),
     ]
     return {
         "batch": batch,

@@ -24,19 +24,24 @@ class KVCacheSpec:
     dtype: torch.dtype
 
     @property
+    def has_scales(self) -> bool:
+        """int8 caches keep an fp32 scale per token and head beside the codes."""
+        return self.dtype == torch.int8
+
+    @property
     def bytes_per_token(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * elem
+        per_head = self.head_dim * elem + (4 if self.has_scales else 0)
+        return 2 * self.num_layers * self.num_kv_heads * per_head
 
     @property
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
 
 
-def allocate_kv_cache(
-    spec: KVCacheSpec, num_blocks: int, device: torch.device
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (K, V) views into one allocation of [layers, 2, kv_heads, blocks, block_size, head_dim].
+def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """Per-layer (K, V) views into one allocation of [layers, 2, kv_heads, blocks, block_size, head_dim];
+    for an int8 cache (K, V, K scales, V scales), the scales [kv_heads, blocks, block_size] fp32.
 
     Head-major: one head's block is a contiguous [block_size, head_dim] tile, and a gather of
     a sequence's blocks is directly a batched-matmul operand. Zero-filled so that padded slots
@@ -52,7 +57,12 @@ def allocate_kv_cache(
         dtype=spec.dtype,
         device=device,
     )
-    return [(pool[i, 0], pool[i, 1]) for i in range(spec.num_layers)]
+    if not spec.has_scales:
+        return [(pool[i, 0], pool[i, 1]) for i in range(spec.num_layers)]
+    scales = torch.zeros(
+        spec.num_layers, 2, spec.num_kv_heads, num_blocks, spec.block_size, dtype=torch.float32, device=device
+    )
+    return [(pool[i, 0], pool[i, 1], scales[i, 0], scales[i, 1]) for i in range(spec.num_layers)]
 
 
 class BlockAllocator:

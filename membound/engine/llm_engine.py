@@ -18,6 +18,7 @@ from membound.engine.model_runner import LaunchedStep, ModelRunner
 from membound.engine.request import Request
 from membound.engine.sampler import SamplingBatch, sample
 from membound.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
+from membound.engine.transfer import to_device
 from membound.errors import ConfigError, InvalidRequestError
 from membound.model.loader import load_config, load_model, open_gguf, resolve_model
 from membound.model.tokenizer import Tokenizer
@@ -66,21 +67,40 @@ class LLMEngine:
         loaded = load_model(source, self.backend, self.dtype, self.device, self.max_model_len, config.seed, gguf)
         self.model = loaded.model
         weight_bytes = loaded.weight_bytes
-        if config.quantization:
+        quantization = config.quantization
+        if quantization == "auto":  # a GGUF file runs on its own blocks; anything else at `dtype`
+            quantization = "gguf" if gguf is not None and source.kind == "gguf" else "none"
+        self.quantization = quantization
+        if quantization == "gguf":
+            if gguf is None or source.kind != "gguf":
+                raise ConfigError("quantization='gguf' keeps a GGUF file's blocks packed; the model is no GGUF file")
+            from membound.quant.gguf_blocks import load_gguf_packed
+            from membound.quant.linear import linear_weight_bytes
+
+            counts = load_gguf_packed(self.model, gguf)
+            weight_bytes = linear_weight_bytes(self.model)[0]
+            left = counts.pop("dequantized", 0)
+            log.info(
+                "gguf: kept packed %s; %d quantized tensors dequantized instead; %.1f MB of weights",
+                ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) or "nothing",
+                left,
+                weight_bytes / 1e6,
+            )
+        elif quantization != "none":
             from membound.quant.linear import linear_weight_bytes, quantize_model
 
             group, from_blocks = 128, 0
             if gguf is not None and gguf.layer_quant_types() & {"Q4_0", "Q4_1"}:
                 group = 32  # what the file's own blocks use, for any matrix stored otherwise
-                if config.quantization == "int4" and self.device.type == "cpu":
+                if quantization == "int4" and self.device.type == "cpu":
                     from membound.quant.gguf_blocks import load_int4_from_gguf
 
                     from_blocks = load_int4_from_gguf(self.model, gguf)
-            rtn = quantize_model(self.model, config.quantization, group)
+            rtn = quantize_model(self.model, quantization, group)
             weight_bytes = linear_weight_bytes(self.model)[0]
             log.info(
                 "%s: %d linear layers from the GGUF's own 4-bit blocks, %d quantized by round-to-nearest",
-                config.quantization,
+                quantization,
                 from_blocks,
                 rtn,
             )
@@ -94,9 +114,12 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = tuple(sorted(eos))
 
-        kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
-        if kv_dtype != self.dtype and self.backend.name == "triton":
-            raise ConfigError("kv_cache_dtype='fp8' runs on the PyTorch attention backend only for now")
+        kv_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}.get(config.kv_cache_dtype, self.dtype)
+        if config.kv_cache_dtype == "fp8" and self.backend.name == "triton":
+            raise ConfigError(
+                "kv_cache_dtype='fp8' runs on the PyTorch attention backend only for now; "
+                "use kv_cache_dtype='int8' with the Triton kernels"
+            )
         self.kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, kv_dtype)
         # CUDA graphs need static shapes and no host syncs inside the forward: the Triton path has both.
         self.use_cuda_graphs = self.device.type == "cuda" and not config.enforce_eager and self.backend.name == "triton"
@@ -283,7 +306,7 @@ class LLMEngine:
         if not reqs:
             return None
         sched = SchedulerOutput([ScheduledRequest(r, 1) for r in reqs], len(reqs), [])
-        return self.runner.launch(sched, (prev.ids, torch.tensor(rows, device=self.device)))
+        return self.runner.launch(sched, (prev.ids, to_device(rows, torch.int64, self.device)))
 
     def _finish(self, launched: LaunchedStep) -> list[RequestOutput]:
         return self._update(launched.sched, self.runner.fetch(launched), launched.sampling)

@@ -39,15 +39,18 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
     g.add_argument(
         "--quantization",
-        default=None,
-        choices=["int8", "int4", "fp8"],
-        help="quantize the decoder's weights at load (round-to-nearest; int4: groups of 128/64/32)",
+        default="auto",
+        choices=["auto", "gguf", "none", "int8", "int4", "fp8"],
+        help="weight format: auto (gguf for a GGUF file, else none); gguf: run on the file's own quantized "
+        "blocks, kept packed; none: dequantize everything to --dtype; int8/int4/fp8: quantize the decoder's "
+        "weights at load (round-to-nearest; int4: groups of 128/64/32, a Q4 GGUF's own blocks)",
     )
     g.add_argument(
         "--kv-cache-dtype",
         default="auto",
-        choices=["auto", "fp8"],
-        help="KV cache precision: auto (the run dtype) or fp8 (e4m3, scale 1: half of bf16's bytes)",
+        choices=["auto", "fp8", "int8"],
+        help="KV cache precision: auto (the run dtype), fp8 (e4m3, scale 1: half of bf16's bytes) or "
+        "int8 (a scale per token and head: ~53%% of bf16's bytes at head_dim 64)",
     )
     g.add_argument(
         "--enable-prefix-caching",

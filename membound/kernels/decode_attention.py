@@ -22,6 +22,8 @@ def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [KVH, num_blocks, block_size, D]
     v_cache_ptr,
+    k_scale_ptr,  # [KVH, num_blocks, block_size] fp32 when HAS_SCALES (int8 cache), else unused
+    v_scale_ptr,
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     part_out_ptr,  # [B, H, S, D] fp32
@@ -34,12 +36,15 @@ def _decode_split_kernel(
     stride_kb,
     stride_kt,
     stride_bt,
+    stride_sh,
+    stride_sb,
     GROUP: tl.constexpr,  # query heads per KV head
     BLOCK_G: tl.constexpr,  # GROUP padded (>= 16 so tl.dot has a legal shape on GPUs)
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr,  # tokens per KV block
     NUM_SPLITS: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -78,6 +83,10 @@ def _decode_split_kernel(
         offs = kv_base + block * stride_kb + t[:, None] * stride_kt + d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
+        if HAS_SCALES:  # int8 codes times their per-token scale
+            s_offs = kvh * stride_sh + block * stride_sb + t
+            k = k.to(tl.float32) * tl.load(k_scale_ptr + s_offs)[:, None]
+            v = v.to(tl.float32) * tl.load(v_scale_ptr + s_offs)[:, None]
         s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # [G, PAGE]
         valid = (pos < seq_len) & (pos >= first_valid)
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -142,6 +151,7 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     b, h, d = q.shape
     kvh, _, page, _ = k_cache.shape
@@ -156,10 +166,13 @@ def paged_decode_attention(
     part_out = torch.empty(b, h, splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     block_d = triton.next_power_of_2(d)
+    ks, vs = kv_scales if kv_scales is not None else (k_cache, v_cache)
     _decode_split_kernel[(b, kvh, splits)](
         q,
         k_cache,
         v_cache,
+        ks,
+        vs,
         block_tables,
         seq_lens,
         part_out,
@@ -172,12 +185,15 @@ def paged_decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        ks.stride(0),
+        ks.stride(1),
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d,
         BLOCK_D=block_d,
         PAGE=page,
         NUM_SPLITS=splits,
+        HAS_SCALES=kv_scales is not None,
     )
     out = torch.empty_like(q)
     _merge_splits_kernel[(b * h,)](

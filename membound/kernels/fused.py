@@ -91,23 +91,26 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- RoPE + KV-cache write
 
 
-def rope_write_kv_ref(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+def rope_write_kv_ref(
+    q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, kv_scales=None
+) -> torch.Tensor:
     """Rotate q and k (neox halves) at `positions`, write k and v to their cache slots; return rotated q."""
     from membound.attention.torch_paged import write_kv
     from membound.model.llama import apply_rope
 
     cos = cos_table[positions][:, None, :].to(q.dtype)
     sin = sin_table[positions][:, None, :].to(q.dtype)
-    write_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping)
+    write_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping, kv_scales)
     return apply_rope(q, cos, sin)
 
 
 @triton.jit
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-    stride_qt, stride_kt, stride_vt, stride_ch, stride_cs,
+    k_scale_ptr, v_scale_ptr,
+    stride_qt, stride_kt, stride_vt, stride_ch, stride_cs, stride_sh,
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_SCALES: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
@@ -134,16 +137,33 @@ def _rope_write_kv_kernel(
     k2 = tl.load(k_ptr + t * stride_kt + h[:, None] * 2 * HALF + HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
     dst = h[:, None] * stride_ch + slot * stride_cs + i[None, :]
     kd = k_cache_ptr.dtype.element_ty
-    tl.store(k_cache_ptr + dst, (k1 * c - k2 * s).to(q1.dtype).to(kd), mask=km)
-    tl.store(k_cache_ptr + dst + HALF, (k2 * c + k1 * s).to(q1.dtype).to(kd), mask=km)
+    kr1 = (k1 * c - k2 * s).to(q1.dtype)
+    kr2 = (k2 * c + k1 * s).to(q1.dtype)
     v1 = tl.load(v_ptr + t * stride_vt + h[:, None] * 2 * HALF + i[None, :], mask=km, other=0.0)
     v2 = tl.load(v_ptr + t * stride_vt + h[:, None] * 2 * HALF + HALF + i[None, :], mask=km, other=0.0)
+    if HAS_SCALES:
+        # int8 with one scale per (token, head), the same arithmetic as torch_paged.quantize_int8.
+        kr1, kr2, v1, v2 = kr1.to(tl.float32), kr2.to(tl.float32), v1.to(tl.float32), v2.to(tl.float32)
+        k_s = tl.maximum(tl.maximum(tl.max(tl.abs(kr1), 1), tl.max(tl.abs(kr2), 1)), 1e-8) / 127.0
+        v_s = tl.maximum(tl.maximum(tl.max(tl.abs(v1), 1), tl.max(tl.abs(v2), 1)), 1e-8) / 127.0
+        h_ok = h < NUM_KV_HEADS
+        tl.store(k_scale_ptr + h * stride_sh + slot, k_s, mask=h_ok)
+        tl.store(v_scale_ptr + h * stride_sh + slot, v_s, mask=h_ok)
+        kr1 = tl.clamp(tl.floor(kr1 / k_s[:, None] + 0.5), -127.0, 127.0)
+        kr2 = tl.clamp(tl.floor(kr2 / k_s[:, None] + 0.5), -127.0, 127.0)
+        v1 = tl.clamp(tl.floor(v1 / v_s[:, None] + 0.5), -127.0, 127.0)
+        v2 = tl.clamp(tl.floor(v2 / v_s[:, None] + 0.5), -127.0, 127.0)
+    tl.store(k_cache_ptr + dst, kr1.to(kd), mask=km)
+    tl.store(k_cache_ptr + dst + HALF, kr2.to(kd), mask=km)
     tl.store(v_cache_ptr + dst, v1.to(kd), mask=km)
     tl.store(v_cache_ptr + dst + HALF, v2.to(kd), mask=km)
 
 
-def rope_write_kv(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping) -> torch.Tensor:
-    """q, k, v: [T, heads, D] (views of the fused qkv output are fine: rows may be strided)."""
+def rope_write_kv(
+    q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, kv_scales=None
+) -> torch.Tensor:
+    """q, k, v: [T, heads, D] (views of the fused qkv output are fine: rows may be strided).
+    kv_scales: for an int8 cache, its per-(token, head) scales [KVH, num_blocks, block_size]."""
     t, h, d = q.shape
     kvh = k.shape[1]
     half = d // 2
@@ -152,10 +172,12 @@ def rope_write_kv(q, k, v, cos_table, sin_table, positions, k_cache, v_cache, sl
             raise ValueError(f"{name} must have contiguous heads ([T, heads, D] rows), got strides {x.stride()}")
     q_out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
     # Slots index the flattened [blocks * block_size] axis of each head's cache.
+    ks, vs = kv_scales if kv_scales is not None else (k_cache, v_cache)
     _rope_write_kv_kernel[(t,)](
-        q, k, v, cos_table, sin_table, positions, slot_mapping, q_out, k_cache, v_cache,
-        q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(2),
+        q, k, v, cos_table, sin_table, positions, slot_mapping, q_out, k_cache, v_cache, ks, vs,
+        q.stride(0), k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(2), ks.stride(0),
         NUM_HEADS=h, NUM_KV_HEADS=kvh, HALF=half,
         BLOCK_H=triton.next_power_of_2(max(h, kvh)), BLOCK_HALF=triton.next_power_of_2(half),
+        HAS_SCALES=kv_scales is not None,
     )  # fmt: skip
     return q_out

@@ -19,6 +19,8 @@ def _prefill_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [KVH, num_blocks, PAGE, D]
     v_cache_ptr,
+    k_scale_ptr,  # [KVH, num_blocks, PAGE] fp32 when HAS_SCALES (int8 cache), else unused
+    v_scale_ptr,
     out_ptr,  # [T, H, D]
     block_tables_ptr,  # [B, max_blocks]
     seq_lens_ptr,  # [B]
@@ -33,11 +35,14 @@ def _prefill_kernel(
     stride_kb,
     stride_kt,
     stride_bt,
+    stride_sh,
+    stride_sb,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     PAGE: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -75,6 +80,10 @@ def _prefill_kernel(
         offs = kvh * stride_kh + block * stride_kb + t[:, None] * stride_kt + d[None, :]
         k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
+        if HAS_SCALES:  # int8 codes times their per-token scale
+            s_offs = kvh * stride_sh + block * stride_sb + t
+            k = k.to(tl.float32) * tl.load(k_scale_ptr + s_offs)[:, None]
+            v = v.to(tl.float32) * tl.load(v_scale_ptr + s_offs)[:, None]
         s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # [BLOCK_M, PAGE]
         seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
         if window > 0:
@@ -107,6 +116,7 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int | None = None,
     block_m: int = 16,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     t, h, d = q.shape
     kvh, _, page, _ = k_cache.shape
@@ -114,10 +124,13 @@ def paged_prefill_attention(
         raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
     out = torch.empty_like(q)
     b = block_tables.shape[0]
+    ks, vs = kv_scales if kv_scales is not None else (k_cache, v_cache)
     _prefill_kernel[(b, h, triton.cdiv(max_query_len, block_m))](
         q,
         k_cache,
         v_cache,
+        ks,
+        vs,
         out,
         block_tables,
         seq_lens,
@@ -132,10 +145,13 @@ def paged_prefill_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        ks.stride(0),
+        ks.stride(1),
         GROUP=h // kvh,
         HEAD_DIM=d,
         BLOCK_D=triton.next_power_of_2(d),
         BLOCK_M=block_m,
         PAGE=page,
+        HAS_SCALES=kv_scales is not None,
     )
     return out

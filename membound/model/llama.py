@@ -70,7 +70,7 @@ class Attention(nn.Module):
         self,
         rope: tuple[torch.Tensor, torch.Tensor],
         x: torch.Tensor,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
@@ -80,16 +80,17 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        scales = kv_cache[2:] or None  # an int8 cache carries per-token scales
         if getattr(self.backend, "fused", False):
             # One kernel rotates q and k and writes k, v into their cache slots; attention then only reads.
             from membound.kernels.fused import rope_write_kv
 
             cos, sin, rows = rope
-            q = rope_write_kv(q, k, v, cos, sin, rows, kv_cache[0], kv_cache[1], meta.slot_mapping)
-            out = self.backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+            q = rope_write_kv(q, k, v, cos, sin, rows, kv_cache[0], kv_cache[1], meta.slot_mapping, scales)
+            out = self.backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, scales)
         else:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window)
+            out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, scales)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
@@ -184,8 +185,11 @@ class LlamaForCausalLM(nn.Module):
         return add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()  # nn.Linear, or a packed layer (membound.quant)
+        if isinstance(self.embed_tokens, nn.Embedding):
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.embed_tokens.logits(hidden).float()  # a packed embedding (quant.linear.Int8Embedding)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, filling fused q/k/v and gate/up slices."""

@@ -18,7 +18,8 @@ from membound.plan.gpus import GPUSpec
 
 BLOCK_SIZE = 16
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-KV_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}  # fp8/int8: one scale per tensor
+KV_DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "int8": 1}  # fp8: scale 1; int8: + scales below
+KV_SCALE_BYTES = {"int8": 4}  # membound's int8 cache: an fp32 scale per token, head, and K or V
 _DENSE_BITS = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "fp8": 8.0, "int8": 8.0}
 INT4_GROUP = 128  # int4 stores a 16-bit scale and zero point per group of 128 weights
 
@@ -189,7 +190,9 @@ def make_plan(
     if not 0 < gpu_memory_utilization <= 1:
         raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
     cfg, wb = shape.config, shape.weights
+    # kv_bytes_per_token counts elements (2 x layers x KV heads x head_dim); scales add per head vector.
     kv_tok = cfg.kv_bytes_per_token * KV_DTYPES[kv_dtype]
+    kv_tok += cfg.kv_bytes_per_token // cfg.head_dim * KV_SCALE_BYTES.get(kv_dtype, 0)
     kv_needed = _blocks_tokens(context) * concurrency * kv_tok
     budget = int(gpu.memory_bytes * gpu_memory_utilization)
     kv_budget = budget - wb.stored - overhead_bytes
