@@ -53,7 +53,15 @@ def _run(llm: LLM, prompts, params, late: int = 3):
     """Submit all but the last `late` requests, then the rest while the others decode."""
     eng, outs, launches = llm.engine, {}, []
     real = eng.runner.launch
-    eng.runner.launch = lambda sched, prev=None: launches.append(prev is not None) or real(sched, prev)
+
+    def spy(sched, prev=None):
+        if prev is not None:  # a look-ahead never leaves a running request (say, mid-prefill) behind
+            going_on = {id(r) for r in eng.scheduler.running if r.num_output_tokens + 1 < r.max_output}
+            assert {id(s.request) for s in sched.scheduled} == going_on
+        launches.append(prev is not None)
+        return real(sched, prev)
+
+    eng.runner.launch = spy
     for i in range(len(prompts) - late):
         eng.add_request(str(i), prompts[i], params[i])
     steps = 0
@@ -70,15 +78,16 @@ def _run(llm: LLM, prompts, params, late: int = 3):
 
 @pytest.mark.parametrize(
     "workload,blocks,late",
-    [("mixed", 64, 3), ("mixed", 12, 3), ("decode_heavy", 64, 0)],  # 12 blocks: preemption happens
-)
+    [("mixed", 64, 3), ("mixed", 12, 3), ("decode_heavy", 64, 0), ("mixed_small_budget", 64, 0)],
+)  # 12 blocks: preemption happens; a budget of 8 tokens: prompts stay mid-prefill beside decodes
 def test_outputs_identical_with_and_without_async_scheduling(tmp_path, workload, blocks, late):
-    prompts, params = _workload() if workload == "mixed" else _decode_heavy()
-    kw = dict(blocks=blocks, max_num_seqs=6, max_num_batched_tokens=48)
+    prompts, params = _workload() if workload.startswith("mixed") else _decode_heavy()
+    budget = 8 if workload == "mixed_small_budget" else 48
+    kw = dict(blocks=blocks, max_num_seqs=6 if budget > 8 else 8, max_num_batched_tokens=budget)
     want, _ = _run(tiny_llm(tmp_path / "sync", async_scheduling=False, **kw), prompts, params, late)
     llm = tiny_llm(tmp_path / "async", async_scheduling=True, **kw)
     got, launches = _run(llm, prompts, params, late)
-    assert sum(launches) > (10 if workload == "mixed" else 25)  # many steps really were launched ahead
+    assert sum(launches) > (25 if workload == "decode_heavy" else 10)  # many steps really were launched ahead
     for w, g in zip(want, got, strict=True):
         a, b = w.outputs[0], g.outputs[0]
         assert (b.token_ids, b.finish_reason, b.stop_reason) == (a.token_ids, a.finish_reason, a.stop_reason)

@@ -76,8 +76,11 @@ class DecodeGraphs:
         self.table = torch.full((b, w), pad_block, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        # Contiguous staging for the block table: a non-contiguous host-to-device copy would go
+        # through pageable memory (and may wait for the stream); a device-to-device copy places it.
+        self.table_staging = torch.zeros(b * w, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        self.hidden: dict[int, torch.Tensor] = {}  # each size's output; logits are computed outside
         self.pool = None
         self.graph_bytes = 0
 
@@ -86,7 +89,10 @@ class DecodeGraphs:
         return self.ladder[-1]
 
     def _forward(self, bs: int, seq_lens_host: tuple[int, ...]) -> torch.Tensor:
-        """The decode forward on the first bs static rows; [bs, vocab] fp32 logits."""
+        """The decode forward on the first bs static rows; [bs, hidden] final hidden states.
+
+        Logits stay outside the graph: a [bs, vocab] fp32 output per captured size would hold
+        gigabytes for a 128K vocabulary, and the LM head then skips the padding rows."""
         ids, positions, slots, _ = self.rows[:, :bs]
         # Written inside the graph, so the replay itself turns the int64 upload into int32 lengths.
         self.seq_lens[:bs].copy_(self.rows[3, :bs])
@@ -99,19 +105,19 @@ class DecodeGraphs:
             seq_lens_host=seq_lens_host,
             query_start_loc_host=tuple(range(bs + 1)),
         )
-        hidden = self.model(ids, positions, self.kv_caches, meta)
-        return self.model.compute_logits(hidden)
+        return self.model(ids, positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def capture(self, sizes: list[int] | None = None) -> int:
         """Capture the ladder (or `sizes`), largest first so the smaller ones reuse its memory pool.
 
-        Returns the bytes the graphs hold (their shared pool plus the logits outputs).
+        Returns the bytes the graphs hold: their shared pool (what the device reports used, so
+        the pool's cached free blocks count) plus the static buffers.
         """
         if self.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device")
         torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
+        before = torch.cuda.memory_reserved(self.device)
         t0 = time.perf_counter()
         self._fill_padding(0, self.max_batch)
         self.rows[:, :].copy_(self.host_rows)
@@ -128,12 +134,13 @@ class DecodeGraphs:
         for bs in sizes:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.logits[bs] = self._forward(bs, lens[:bs])
+                self.hidden[bs] = self._forward(bs, lens[:bs])
             if self.pool is None:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
-        self.graph_bytes = torch.cuda.memory_allocated(self.device) - before
+        static = sum(t.numel() * t.element_size() for t in (self.rows, self.table, self.table_staging, self.seq_lens))
+        self.graph_bytes = torch.cuda.memory_reserved(self.device) - before + static
         log.info(
             "captured %d CUDA graphs (batch %s) in %.1fs, %.1f MiB",
             len(self.graphs),
@@ -148,7 +155,6 @@ class DecodeGraphs:
         self.host_rows[:, lo:hi] = 0
         self.host_rows[2, lo:hi] = self.pad_block * self.block_size
         self.host_rows[3, lo:hi] = 1
-        self.host_table[lo:hi, 0] = self.pad_block
 
     def run(
         self,
@@ -158,8 +164,9 @@ class DecodeGraphs:
         block_tables: list[list[int]],
         prev: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """One decode step for len(token_ids) sequences; [B, vocab] fp32 logits (a view, valid until the
-        next run). positions[i] is the new token's position, so the sequence length is positions[i] + 1.
+        """One decode step for len(token_ids) sequences; [B, vocab] fp32 logits.
+
+        positions[i] is the new token's position, so the sequence length is positions[i] + 1.
         prev: (device ids, row index) that replace token_ids, for a step scheduled ahead of its inputs."""
         n = len(token_ids)
         bs = padded_size(self.ladder, n)
@@ -172,17 +179,25 @@ class DecodeGraphs:
         rows[3, :n] = rows[1, :n] + 1
         self._fill_padding(n, bs)
         width = max(len(t) for t in block_tables)
+        # Only the rows in use and the columns any of them reaches travel, packed contiguously:
+        # rows as a whole (a few KB), the table as a [bs, width] block of the flat staging.
+        table = self.host_table.view(-1)[: bs * width].view(bs, width)
         for i, t in enumerate(block_tables):
-            self.host_table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        # Only the rows in use and the columns any of them reaches travel to the device.
-        self.rows[:, :bs].copy_(rows[:, :bs], non_blocking=True)
-        self.table[:bs, :width].copy_(self.host_table[:bs, :width], non_blocking=True)
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        table[n:bs, 0] = self.pad_block
+        self.rows.copy_(rows, non_blocking=True)
+        staged = self.table_staging[: bs * width]
+        staged.copy_(self.host_table.view(-1)[: bs * width], non_blocking=True)
+        self.table[:bs, :width].copy_(staged.view(bs, width))
         if prev is not None:
             self.rows[0, :n].copy_(prev[0][prev[1]])
         graph = self.graphs.get(bs)
         if graph is not None:
             graph.replay()
-            return self.logits[bs][:n]
-        lens = tuple(p + 1 for p in positions) + (1,) * (bs - n)
+            hidden = self.hidden[bs]
+        else:
+            lens = tuple(p + 1 for p in positions) + (1,) * (bs - n)
+            with torch.inference_mode():
+                hidden = self._forward(bs, lens)
         with torch.inference_mode():
-            return self._forward(bs, lens)[:n]
+            return self.model.compute_logits(hidden[:n])

@@ -268,9 +268,9 @@ class LLMEngine:
         """
         inflight, self._inflight = self._inflight, None
         ahead = self._launch_ahead(inflight) if inflight is not None else None
+        self._inflight = ahead  # set first: if finishing the previous step raises, this one is not lost
         outputs = self._finish(inflight) if inflight is not None else []
         if ahead is not None:
-            self._inflight = ahead
             return outputs
         sched = self.scheduler.schedule()
         if not sched.scheduled:
@@ -287,10 +287,16 @@ class LLMEngine:
 
     def _launch_ahead(self, prev: LaunchedStep) -> LaunchedStep | None:
         """Launch the step after `prev` before its tokens reach the host, when that step is pure decode."""
-        if not self.async_scheduling or prev.ids is None or self.scheduler.waiting:
+        if not self.async_scheduling or prev.ids is None:
             return None
+        sched_ = self.scheduler
+        if sched_.waiting and len(sched_.running) < self.config.max_num_seqs:
+            return None  # someone could be admitted: the scheduler decides
         if len(prev.sampling) != len(prev.sched.scheduled):
             return None  # a prompt is mid-prefill: the scheduler decides its next chunk
+        in_prev = {id(r) for r in prev.sampling}
+        if any(id(r) not in in_prev for r in sched_.running):
+            return None  # a running request prev left out (budget): it must not starve
         reqs, rows = [], []
         for row, req in enumerate(prev.sampling):
             if req.is_finished:
@@ -413,10 +419,12 @@ class LLMEngine:
 
     def _profile_graph_memory(self) -> int:
         """Bytes the captured graphs will hold: the largest batch's graph, captured once on a
-        scratch cache (the smaller ones share its memory pool)."""
+        scratch cache (the smaller ones share its memory pool), plus every other size's output."""
         caches = allocate_kv_cache(self.kv_spec, 2, self.device)
         graphs = self._build_decode_graphs(caches, 2)
         nbytes = graphs.capture([graphs.max_batch])
+        row = self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
+        nbytes += sum(graphs.ladder[:-1]) * row
         del graphs, caches
         torch.cuda.empty_cache()
         return nbytes

@@ -37,7 +37,8 @@ class HostCopier:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._buffers: list[dict[torch.dtype, torch.Tensor]] = [{}, {}]
-        self._events = [torch.cuda.Event(), torch.cuda.Event()] if device.type == "cuda" else None
+        # Blocking events: the waiting thread sleeps instead of spinning on a core the server needs.
+        self._events = [torch.cuda.Event(blocking=True) for _ in range(2)] if device.type == "cuda" else None
         self._turn = 0
 
     def start(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
