@@ -18,19 +18,25 @@ from membound.kernels.decode_attention import paged_decode_attention  # noqa: E4
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _paged_cache(kvh: int, seq_lens: list[int], block_size: int, d: int, dtype, gen: torch.Generator):
-    """A cache holding random K/V for each sequence in scrambled blocks, and its block table."""
+def scrambled_block_table(seq_lens: list[int], block_size: int, num_blocks: int, gen: torch.Generator):
+    """A block table giving each sequence its own blocks of a pool of num_blocks, in random order."""
     pages = [(n + block_size - 1) // block_size for n in seq_lens]
-    total = sum(pages) + 3
-    k_cache = torch.randn(kvh, total, block_size, d, generator=gen).to(dtype)
-    v_cache = torch.randn(kvh, total, block_size, d, generator=gen).to(dtype)
-    order = torch.randperm(total, generator=gen).tolist()
+    order = torch.randperm(num_blocks, generator=gen).tolist()
     table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
     used = 0
     for i, p in enumerate(pages):
         table[i, :p] = torch.tensor(order[used : used + p], dtype=torch.int32)
         used += p
-    return k_cache.to(DEVICE), v_cache.to(DEVICE), table.to(DEVICE)
+    return table.to(DEVICE)
+
+
+def _paged_cache(kvh: int, seq_lens: list[int], block_size: int, d: int, dtype, gen: torch.Generator):
+    """A cache holding random K/V for each sequence in scrambled blocks, and its block table."""
+    total = sum((n + block_size - 1) // block_size for n in seq_lens) + 3
+    k_cache = torch.randn(kvh, total, block_size, d, generator=gen).to(dtype)
+    v_cache = torch.randn(kvh, total, block_size, d, generator=gen).to(dtype)
+    table = scrambled_block_table(seq_lens, block_size, total, gen)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), table
 
 
 def _check_decode(seq_lens, heads, kv_heads, d, dtype, block_size=16, window=None, num_splits=None, seed=0):

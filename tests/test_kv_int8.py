@@ -14,6 +14,7 @@ from membound.attention.torch_paged import decode_attention, prefill_attention, 
 from membound.kernels.decode_attention import paged_decode_attention
 from membound.kernels.fused import rope_write_kv, rope_write_kv_ref
 from membound.kernels.prefill_attention import paged_prefill_attention
+from tests.test_kernels import scrambled_block_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -27,24 +28,13 @@ def _int8_cache(kvh: int, blocks: int, bs: int, d: int, gen: torch.Generator):
     return codes.to(DEVICE), scales.to(DEVICE), deq.to(DEVICE)
 
 
-def _table(seq_lens, bs, blocks, gen):
-    pages = [(n + bs - 1) // bs for n in seq_lens]
-    order = torch.randperm(blocks, generator=gen).tolist()
-    table = torch.zeros(len(seq_lens), max(pages), dtype=torch.int32)
-    used = 0
-    for i, p in enumerate(pages):
-        table[i, :p] = torch.tensor(order[used : used + p], dtype=torch.int32)
-        used += p
-    return table.to(DEVICE)
-
-
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_decode_kernel_reads_int8_codes_times_scales(group, dtype):
     gen = torch.Generator().manual_seed(group)
     seq_lens = [1, 17, 40, 33]
     codes, scales, deq = _int8_cache(2, 12, 16, 32, gen)
-    table = _table(seq_lens, 16, 12, gen)
+    table = scrambled_block_table(seq_lens, 16, 12, gen)
     q = torch.randn(len(seq_lens), 2 * group, 32, generator=gen).to(dtype).to(DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     want = decode_attention(q.float(), deq[0], deq[1], table, lens, 32**-0.5, None)
@@ -70,7 +60,7 @@ def test_prefill_kernel_reads_int8_codes_times_scales(dtype):
     q_lens, cached = [5, 20, 1], [11, 0, 30]
     seq_lens = [a + b for a, b in zip(q_lens, cached, strict=True)]
     codes, scales, deq = _int8_cache(2, 12, 16, 32, gen)
-    table = _table(seq_lens, 16, 12, gen)
+    table = scrambled_block_table(seq_lens, 16, 12, gen)
     q = torch.randn(sum(q_lens), 4, 32, generator=gen).to(dtype).to(DEVICE)
     starts = torch.tensor([0, 5, 25, 26], dtype=torch.int32, device=DEVICE)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)

@@ -86,14 +86,14 @@ def decode_attention(
     values = gather_blocks(v_cache, None if kv_scales is None else kv_scales[1], flat, q.dtype)
     keys, values = keys.view(kvh * b, max_len, d), values.view(kvh * b, max_len, d)
     qg = q.reshape(b, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * b, h // kvh, d)
-    scores = torch.bmm(qg, keys.to(q.dtype).transpose(1, 2)).float() * scale  # [KVH * B, G, L]
+    scores = torch.bmm(qg, keys.transpose(1, 2)).float() * scale  # [KVH * B, G, L]
     pos = torch.arange(max_len, device=q.device)
     valid = pos[None, :] < seq_lens[:, None]
     if sliding_window is not None:
         valid &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
     scores = scores.view(kvh, b, -1, max_len).masked_fill(~valid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(kvh * b, -1, max_len)
-    out = torch.bmm(probs.to(q.dtype), values.to(q.dtype))  # [KVH * B, G, D]
+    out = torch.bmm(probs.to(q.dtype), values)  # [KVH * B, G, D]
     return out.view(kvh, b, -1, d).transpose(0, 1).reshape(b, h, d).to(q.dtype)
 
 
@@ -120,7 +120,6 @@ def prefill_attention(
     mask = k_pos <= q_pos
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
-    keys, values = keys.to(q.dtype), values.to(q.dtype)
     gqa = h != kvh
     if gqa and q.is_cuda:
         # CUDA's fused SDPA kernels take no GQA flag with a mask; expanding keeps them in play.

@@ -403,10 +403,10 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ start-up
 
-    def _build_decode_graphs(self, kv_caches=None, num_blocks: int | None = None) -> DecodeGraphs:
+    def _build_decode_graphs(self, kv_caches=None) -> DecodeGraphs:
         """Static decode buffers over the engine's cache (or a scratch one); the last block is the pad."""
         caches = kv_caches if kv_caches is not None else self.runner.kv_caches
-        pad = (num_blocks if num_blocks is not None else self.memory.num_blocks + 1) - 1
+        pad = caches[0][0].shape[1] - 1  # [kv_heads, blocks, block_size, head_dim]
         return DecodeGraphs(
             self.model,
             caches,
@@ -421,7 +421,7 @@ class LLMEngine:
         """Bytes the captured graphs will hold: the largest batch's graph, captured once on a
         scratch cache (the smaller ones share its memory pool), plus every other size's output."""
         caches = allocate_kv_cache(self.kv_spec, 2, self.device)
-        graphs = self._build_decode_graphs(caches, 2)
+        graphs = self._build_decode_graphs(caches)
         nbytes = graphs.capture([graphs.max_batch])
         row = self.model_config.hidden_size * torch.empty((), dtype=self.dtype).element_size()
         nbytes += sum(graphs.ladder[:-1]) * row

@@ -18,6 +18,23 @@ import triton.language as tl
 
 
 @triton.jit
+def load_kv_page(
+    k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kvh, block, t, d, d_ok,
+    stride_kh, stride_kb, stride_kt, stride_sh, stride_sb, HAS_SCALES: tl.constexpr,
+):  # fmt: skip
+    """One KV head's [PAGE, D] tiles of K and V from a cache block; int8 codes come back times
+    their per-token scales (fp32). Shared by the decode and prefill kernels."""
+    offs = kvh * stride_kh + block * stride_kb + t[:, None] * stride_kt + d[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
+    if HAS_SCALES:
+        s_offs = kvh * stride_sh + block * stride_sb + t
+        k = k.to(tl.float32) * tl.load(k_scale_ptr + s_offs)[:, None]
+        v = v.to(tl.float32) * tl.load(v_scale_ptr + s_offs)[:, None]
+    return k, v
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_cache_ptr,  # [KVH, num_blocks, block_size, D]
@@ -76,17 +93,13 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    kv_base = kvh * stride_kh
     for page in range(start, stop):
         block = tl.load(block_tables_ptr + b * stride_bt + page)
         pos = page * PAGE + t
-        offs = kv_base + block * stride_kb + t[:, None] * stride_kt + d[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
-        if HAS_SCALES:  # int8 codes times their per-token scale
-            s_offs = kvh * stride_sh + block * stride_sb + t
-            k = k.to(tl.float32) * tl.load(k_scale_ptr + s_offs)[:, None]
-            v = v.to(tl.float32) * tl.load(v_scale_ptr + s_offs)[:, None]
+        k, v = load_kv_page(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kvh, block, t, d, d_ok,
+            stride_kh, stride_kb, stride_kt, stride_sh, stride_sb, HAS_SCALES,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # [G, PAGE]
         valid = (pos < seq_len) & (pos >= first_valid)
         s = tl.where(valid[None, :], s, float("-inf"))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from membound.kernels.decode_attention import load_kv_page
+
 
 @triton.jit
 def _prefill_kernel(
@@ -77,13 +79,10 @@ def _prefill_kernel(
     for page in range(first // PAGE, tl.cdiv(last, PAGE)):
         block = tl.load(block_tables_ptr + seq * stride_bt + page)
         k_pos = page * PAGE + t
-        offs = kvh * stride_kh + block * stride_kb + t[:, None] * stride_kt + d[None, :]
-        k = tl.load(k_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + offs, mask=d_ok[None, :], other=0.0)
-        if HAS_SCALES:  # int8 codes times their per-token scale
-            s_offs = kvh * stride_sh + block * stride_sb + t
-            k = k.to(tl.float32) * tl.load(k_scale_ptr + s_offs)[:, None]
-            v = v.to(tl.float32) * tl.load(v_scale_ptr + s_offs)[:, None]
+        k, v = load_kv_page(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kvh, block, t, d, d_ok,
+            stride_kh, stride_kb, stride_kt, stride_sh, stride_sb, HAS_SCALES,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # [BLOCK_M, PAGE]
         seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
         if window > 0:
