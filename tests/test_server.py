@@ -289,7 +289,9 @@ def test_overload_gets_429_then_recovers_and_metrics_add_up(tiny_model_dir, tmp_
         responses = asyncio.run(burst())
         ok = [r for r in responses if r.status_code == 200]
         busy = [r for r in responses if r.status_code == 429]
-        assert len(ok) + len(busy) == 12 and busy and len(ok) >= 3
+        # At least the 2 the queue holds get through; a 3rd only if the engine thread moved the first
+        # to running before the burst's third request arrived (a race, so not asserted).
+        assert len(ok) + len(busy) == 12 and busy and len(ok) >= 2
         for r in busy:
             assert r.headers["retry-after"] == "1"
             err = r.json()["error"]
