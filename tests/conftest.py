@@ -154,10 +154,11 @@ def smollm2_none() -> LLM:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where torch sees a CUDA device."""
+    """Tests marked `gpu` run only where torch sees a CUDA device, unless also marked `cpu`
+    (those run everywhere, and the GPU session's `-m gpu` picks them up too)."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and "cpu" not in item.keywords:
             item.add_marker(skip)

@@ -13,6 +13,8 @@ import torch
 from membound import LLM, SamplingParams
 from tests.conftest import tiny_llm
 
+pytestmark = [pytest.mark.gpu, pytest.mark.cpu]  # in the GPU session too, where it really overlaps
+
 
 def _decode_heavy():
     """No penalties, all admitted at once, finishing one by one (by length and by stop token) in

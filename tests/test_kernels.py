@@ -65,7 +65,7 @@ def test_decode_attention_split_across_many_kv_splits():
 
 def test_decode_attention_sliding_window_and_odd_head_dim():
     _check_decode([50, 33, 5], heads=6, kv_heads=2, d=40, dtype=torch.float32, window=20, num_splits=4)
-    _check_decode([64], heads=4, kv_heads=4, d=16, dtype=torch.float16, block_size=8, window=17, num_splits=3)
+    _check_decode([64], heads=4, kv_heads=4, d=8, dtype=torch.float16, block_size=16, window=17, num_splits=3)
 
 
 @pytest.mark.gpu
@@ -97,6 +97,8 @@ def _tol(dtype):
     return dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("rows", "hidden"), [(1, 64), (7, 96), (5, 576)])
 def test_add_rmsnorm(dtype, rows, hidden):
@@ -111,6 +113,8 @@ def test_add_rmsnorm(dtype, rows, hidden):
         torch.testing.assert_close(got, want, **_tol(dtype))
 
 
+@pytest.mark.gpu
+@pytest.mark.cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("rows", "inter"), [(1, 64), (3, 1536), (4, 1100)])
 def test_silu_and_mul(dtype, rows, inter):
@@ -119,6 +123,8 @@ def test_silu_and_mul(dtype, rows, inter):
     torch.testing.assert_close(silu_and_mul(gu), silu_and_mul_ref(gu), **_tol(dtype))
 
 
+@pytest.mark.gpu
+@pytest.mark.cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("heads", "kv_heads", "d"), [(4, 4, 16), (9, 3, 64), (8, 1, 40)])
 def test_rope_and_kv_write(dtype, heads, kv_heads, d):
@@ -179,8 +185,8 @@ def test_prefill_attention_ragged_batch_over_cached_prefixes(group, dtype):
     _check_prefill([5, 16, 33, 1], [0, 16, 7, 40], heads=2 * group, kv_heads=2, d=32, dtype=dtype, seed=group)
 
 
-def test_prefill_attention_sliding_window_odd_head_dim_small_blocks():
-    _check_prefill([30, 9], [10, 25], heads=6, kv_heads=3, d=24, dtype=torch.float32, block_size=8, window=12)
+def test_prefill_attention_sliding_window_odd_head_dim():
+    _check_prefill([30, 9], [10, 25], heads=6, kv_heads=3, d=24, dtype=torch.float32, block_size=16, window=12)
 
 
 @pytest.mark.gpu
@@ -208,6 +214,8 @@ def test_prefill_attention_bf16_real_sizes_on_gpu():
 # ---------------------------------------------------------------------- the whole model on the Triton backend
 
 
+@pytest.mark.gpu
+@pytest.mark.cpu
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
 def test_whole_model_triton_backend_matches_torch_backend(tmp_path, family):
     """Greedy tokens and logprobs through chunked prefill, prefix hits and batched decodes, with the
@@ -223,7 +231,7 @@ def test_whole_model_triton_backend_matches_torch_backend(tmp_path, family):
     outs = {}
     for backend in ("torch", "triton"):
         llm = LLM(
-            str(tmp_path), attention_backend=backend, skip_tokenizer_init=True, max_model_len=128,
+            str(tmp_path), attention_backend=backend, skip_tokenizer_init=True, max_model_len=128, dtype="float32",
             max_num_batched_tokens=32, max_num_seqs=4, kv_cache_memory_bytes=1 << 20,
         )  # fmt: skip
         assert llm.engine.backend.name == backend

@@ -19,6 +19,7 @@ from membound.engine.request import Request
 from membound.engine.sampler import SamplingBatch, sample
 from membound.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from membound.engine.transfer import to_device
+from membound.engine.warmup import synthetic_metadata, warm_up_kernels
 from membound.errors import ConfigError, InvalidRequestError
 from membound.model.loader import load_config, load_model, open_gguf, resolve_model
 from membound.model.tokenizer import Tokenizer
@@ -53,10 +54,17 @@ class LLMEngine:
         source = resolve_model(config.model, config.load_format)
         t0 = time.perf_counter()
         self.backend = get_backend(config.attention_backend, self.device)
-        if self.backend.name == "triton" and config.block_size & (config.block_size - 1):
-            raise ConfigError(f"the Triton attention kernels need a power-of-two block_size, got {config.block_size}")
         gguf = open_gguf(source)
         mc = load_config(source, gguf)
+        if self.backend.name == "triton":
+            from membound.kernels.decode_attention import check_shapes
+
+            try:
+                check_shapes(
+                    mc.num_heads, mc.num_kv_heads, config.block_size, self.dtype, config.kv_cache_dtype == "int8"
+                )
+            except ValueError as e:
+                raise ConfigError(str(e)) from e
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:
             log.warning(
@@ -148,6 +156,8 @@ class LLMEngine:
             self.allocator,
         )
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, config.seed)
+        if self.backend.name == "triton" or self.device.type == "cuda":
+            self._warm_up_kernels()
         if self.use_cuda_graphs:
             self.runner.graphs = self._build_decode_graphs()
             self.runner.graphs.capture()
@@ -429,6 +439,17 @@ class LLMEngine:
         torch.cuda.empty_cache()
         return nbytes
 
+    def _warm_up_kernels(self) -> None:
+        t0 = time.perf_counter()
+        c = self.config
+        warm_up_kernels(
+            self.model, self.runner.kv_caches, c.block_size, c.max_num_seqs, c.max_num_batched_tokens,
+            self.max_model_len, self.memory.num_blocks,
+        )  # fmt: skip
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info("kernels warmed up in %.1fs", time.perf_counter() - t0)
+
     @torch.inference_mode()
     def _profile_activation_peak(self) -> int:
         """Peak memory of the worst steps, measured (CUDA only; on CPU the KV budget is fixed).
@@ -447,19 +468,7 @@ class LLMEngine:
         table_row = [i % scratch for i in range(blocks_needed(max_len, bs))]
 
         def meta(q_lens: list[int]) -> AttentionMetadata:
-            starts = [0]
-            for q in q_lens:
-                starts.append(starts[-1] + q)
-            slots = [table_row[p // bs] * bs + p % bs for q in q_lens for p in range(max_len - q, max_len)]
-            return AttentionMetadata(
-                slot_mapping=torch.tensor(slots, device=dev),
-                block_tables=torch.tensor([table_row] * len(q_lens), dtype=torch.int32, device=dev),
-                seq_lens=torch.tensor([max_len] * len(q_lens), dtype=torch.int32, device=dev),
-                query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-                num_decodes=sum(1 for q in q_lens if q == 1),
-                seq_lens_host=(max_len,) * len(q_lens),
-                query_start_loc_host=tuple(starts),
-            )
+            return synthetic_metadata(q_lens, max_len, table_row, bs, dev)
 
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)

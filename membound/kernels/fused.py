@@ -135,7 +135,8 @@ def _rope_write_kv_kernel(
     km = (h[:, None] < NUM_KV_HEADS) & i_ok[None, :]
     k1 = tl.load(k_ptr + t * stride_kt + h[:, None] * 2 * HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + t * stride_kt + h[:, None] * 2 * HALF + HALF + i[None, :], mask=km, other=0.0).to(tl.float32)
-    dst = h[:, None] * stride_ch + slot * stride_cs + i[None, :]
+    # 64-bit: head * stride + slot * stride passes 2^31 elements in a large pool.
+    dst = h.to(tl.int64)[:, None] * stride_ch + slot.to(tl.int64) * stride_cs + i[None, :]
     kd = k_cache_ptr.dtype.element_ty
     kr1 = (k1 * c - k2 * s).to(q1.dtype)
     kr2 = (k2 * c + k1 * s).to(q1.dtype)
@@ -147,8 +148,9 @@ def _rope_write_kv_kernel(
         k_s = tl.maximum(tl.maximum(tl.max(tl.abs(kr1), 1), tl.max(tl.abs(kr2), 1)), 1e-8) / 127.0
         v_s = tl.maximum(tl.maximum(tl.max(tl.abs(v1), 1), tl.max(tl.abs(v2), 1)), 1e-8) / 127.0
         h_ok = h < NUM_KV_HEADS
-        tl.store(k_scale_ptr + h * stride_sh + slot, k_s, mask=h_ok)
-        tl.store(v_scale_ptr + h * stride_sh + slot, v_s, mask=h_ok)
+        s_dst = h.to(tl.int64) * stride_sh + slot.to(tl.int64)
+        tl.store(k_scale_ptr + s_dst, k_s, mask=h_ok)
+        tl.store(v_scale_ptr + s_dst, v_s, mask=h_ok)
         kr1 = tl.clamp(tl.floor(kr1 / k_s[:, None] + 0.5), -127.0, 127.0)
         kr2 = tl.clamp(tl.floor(kr2 / k_s[:, None] + 0.5), -127.0, 127.0)
         v1 = tl.clamp(tl.floor(v1 / v_s[:, None] + 0.5), -127.0, 127.0)

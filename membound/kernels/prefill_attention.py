@@ -13,10 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
-from membound.kernels.decode_attention import load_kv_page
+from membound.kernels.decode_attention import MIN_TILE, check_shapes, dot_precision, launch_shape, load_kv_page
 
 
-@triton.jit
+# Not specialised on what changes between steps (block-table width; the metadata pointers are
+# slices at a batch-dependent offset): serving compiles nothing after the warm-up.
+@triton.jit(
+    do_not_specialize=["window", "stride_bt"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "q_start_ptr"],
+)
 def _prefill_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [KVH, num_blocks, PAGE, D]
@@ -45,6 +50,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     PAGE: tl.constexpr,
     HAS_SCALES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -83,7 +89,7 @@ def _prefill_kernel(
             k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, kvh, block, t, d, d_ok,
             stride_kh, stride_kb, stride_kt, stride_sh, stride_sb, HAS_SCALES,
         )  # fmt: skip
-        s = tl.dot(q, tl.trans(k).to(q.dtype)).to(tl.float32) * scale  # [BLOCK_M, PAGE]
+        s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION).to(tl.float32) * scale  # [BLOCK_M, PAGE]
         seen = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] < seq_len)
         if window > 0:
             seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
@@ -93,7 +99,7 @@ def _prefill_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype)).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION).to(tl.float32)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -119,9 +125,11 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     t, h, d = q.shape
     kvh, _, page, _ = k_cache.shape
-    if h % kvh:
-        raise ValueError(f"query heads ({h}) must be a multiple of KV heads ({kvh})")
+    check_shapes(h, kvh, page, q.dtype, kv_scales is not None)
+    if block_m < MIN_TILE or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two of at least {MIN_TILE}, got {block_m}")
     out = torch.empty_like(q)
+    block_d = max(MIN_TILE, triton.next_power_of_2(d))
     b = block_tables.shape[0]
     ks, vs = kv_scales if kv_scales is not None else (k_cache, v_cache)
     _prefill_kernel[(b, h, triton.cdiv(max_query_len, block_m))](
@@ -148,9 +156,11 @@ def paged_prefill_attention(
         ks.stride(1),
         GROUP=h // kvh,
         HEAD_DIM=d,
-        BLOCK_D=triton.next_power_of_2(d),
+        BLOCK_D=block_d,
         BLOCK_M=block_m,
         PAGE=page,
         HAS_SCALES=kv_scales is not None,
+        DOT_PRECISION=dot_precision(q.dtype),
+        **launch_shape(q.dtype, page, block_d, kv_scales is not None),
     )
     return out

@@ -23,12 +23,15 @@ Two regimes:
   x's dtype (int4: the low nibbles meet x's even columns and the high nibbles its odd ones, two
   dots, so the weight is never interleaved). For 2 <= M <= 16 (batched decode) M is padded to
   one 16-row tile and K is split like the GEMV's; above that it is a tiled GEMM (prefill).
-On CUDA each kernel autotunes over a few configs; in Triton's interpreter (CPU tests) each runs
-one fixed small config.
+Each regime runs one fixed config (`_plan`), not an autotuner: tuning per new shape would
+benchmark (and compile) mid-serving, or inside a CUDA-graph capture. So the compiled variants
+are few and known, and the engine compiles all of them at start-up (`warmup_rows`). In Triton's
+interpreter (CPU tests) each regime runs a smaller config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -97,7 +100,9 @@ def _load_groups(
     return s, z
 
 
-@triton.jit
+# M, the split range and the element count change with the batch: not specialised on, so a new
+# batch size never compiles a new variant.
+@triton.jit(do_not_specialize=["kw_per_split"])
 def _gemv_kernel(
     x_ptr,  # [K] (M == 1)
     w_ptr,  # int4: [N, K/2] uint8; int8: [N, K] int8
@@ -159,14 +164,14 @@ def _gemv_kernel(
     tl.store(out_ptr + split * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "kw_per_split"])
 def _dot_kernel(
     x_ptr,  # [M, K]
     w_ptr,
     s_ptr,
     z_ptr,
     out_ptr,  # [M, N] in x's dtype, or [splits, M, N] fp32 partial sums
-    M, N, K, KW, kw_per_split, num_groups, m_bucket,  # m_bucket: only an autotune key (M rounded up)
+    M, N, K, KW, kw_per_split, num_groups,
     stride_xm, stride_wn, stride_sn, stride_sg, stride_zn, stride_zg,
     INT4: tl.constexpr, HAS_ZERO: tl.constexpr, PER_CHANNEL: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -234,7 +239,7 @@ def _dot_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "splits"])
 def _sum_splits_kernel(part_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
     """out = sum over splits of part [splits, numel] (fp32), in out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -250,43 +255,56 @@ _INTERPRET = not isinstance(_gemv_kernel, triton.runtime.JITFunction)
 
 # ---------------------------------------------------------------------- configs
 
-# CUDA: a short autotune per shape over a few Hopper-sized configs (all compile for sm_90
-# without spills). The number of K splits is fixed before tuning, from a nominal tile width,
-# and a split's K range is a multiple of the largest BLOCK_K of its list, so every config
-# walks whole chunks and the partial-sum buffer has one size.
-_GEMV_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-    for bn, bk, nw, ns in [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2),
-                           (8, 1024, 4, 2)]
-]  # fmt: skip
-_GEMV_NOMINAL_N, _GEMV_K_STEP = 32, 1024  # split choice assumes 32-row tiles; K splits are multiples of 1024
-_SKINNY_CONFIGS = [  # 2 <= M <= 16: one 16-row tile of x; weight tiles as in the GEMV, plus tl.dot
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-    for bn, bk, nw, ns in [(32, 128, 4, 4), (64, 128, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3)]
-]
-_SKINNY_NOMINAL_N, _SKINNY_K_STEP = 64, 256
-_PREFILL_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
-    for bm, bn, bk, nw, ns in [(64, 64, 128, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-                               (128, 128, 128, 8, 3)]
-]  # fmt: skip
 
-_gemv_tuned = triton.autotune(_GEMV_CONFIGS, key=["N", "K", "kw_per_split"])(_gemv_kernel)
-_skinny_tuned = triton.autotune(_SKINNY_CONFIGS, key=["N", "K", "kw_per_split"])(_dot_kernel)
-_prefill_tuned = triton.autotune(_PREFILL_CONFIGS, key=["m_bucket", "N", "K"])(_dot_kernel)
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    blocks: dict  # BLOCK_N, BLOCK_K (and BLOCK_M for the dot kernel)
+    num_warps: int = 4
+    num_stages: int = 3
 
-# Interpreter: one small config per kernel, so CPU tests stay fast yet cover ragged tiles,
-# chunks holding several groups and groups spanning several chunks.
-_CPU_GEMV = {"BLOCK_N": 16, "BLOCK_K": 64}
-_CPU_SKINNY = {"BLOCK_N": 16, "BLOCK_K": 64}
-_CPU_PREFILL = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}
+
+# Compiled (CUDA): Hopper-sized tiles, one per regime (each compiles for sm_90a without spills,
+# checked by tests/test_sm90_compile.py). Interpreter: small tiles, so CPU tests stay fast yet
+# cover ragged tiles, chunks holding several groups and groups spanning several chunks.
+_GPU_CONFIGS = {  # picked from a spill-free sweep (int4 g32/g128, int8 g16/g32 +-zero, per channel)
+    "gemv": _Config({"BLOCK_N": 16, "BLOCK_K": 256}, 4, 3),
+    "skinny": _Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 3),  # 2 <= M <= 16: one row tile
+    "prefill_small": _Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 3),  # 17 <= M <= 64
+    "prefill": _Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 8, 3),
+}
+_CPU_CONFIGS = {
+    "gemv": _Config({"BLOCK_N": 16, "BLOCK_K": 64}),
+    "skinny": _Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 64}),
+    "prefill_small": _Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}),
+    "prefill": _Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64}),
+}
 _CPU_TARGET_PROGRAMS = 8
+_H100_SMS = 132  # the compile check (meta tensors) plans for an H100/H200
+
+
+def _regime(m: int) -> str:
+    if m == 1:
+        return "gemv"
+    if m <= 16:
+        return "skinny"
+    return "prefill_small" if m <= 64 else "prefill"
+
+
+def warmup_rows(max_rows: int) -> list[int]:
+    """One row count per regime up to max_rows: running them compiles every variant a layer can hit."""
+    return [m for m in (1, 2, 17, 65) if m <= max_rows]
 
 
 @functools.cache
-def _target_programs(device_index: int) -> int:
+def _cuda_programs(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
     # A few programs per SM keep enough loads in flight to cover HBM latency.
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+    if _INTERPRET:
+        return _CPU_TARGET_PROGRAMS
+    return 4 * (_H100_SMS if device.type == "meta" else _cuda_programs(device.index or 0))
 
 
 def _split_k(tiles: int, K: int, k_step: int, target: int) -> tuple[int, int]:
@@ -341,7 +359,8 @@ def _check(name, x, w, scale, zero, group_size, int4: bool) -> tuple[int, int, i
     devices = {t.device for t in (x, w, scale, zero) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
-    if x.device.type != "cuda" and not _INTERPRET:
+    # meta tensors: the sm_90a compile check, which compiles what a CUDA launch would.
+    if x.device.type not in ("cuda", "meta") and not _INTERPRET:
         raise ValueError(f"{name}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return m, n, k
 
@@ -355,57 +374,37 @@ def _launch(x, w, scale, zero, group_size, int4: bool, split_k: int | None) -> t
     if k == 0:
         return y.zero_()
     x = x.contiguous()
-    per_channel = not int4 and group_size == k
     has_zero = zero is not None
     z = zero if has_zero else scale  # a valid pointer the kernel never reads
-    tuned = x.device.type == "cuda" and not _INTERPRET
-    common = dict(INT4=int4, HAS_ZERO=has_zero, PER_CHANNEL=per_channel, GROUP=group_size)
+    common = dict(INT4=int4, HAS_ZERO=has_zero, PER_CHANNEL=not int4 and group_size == k, GROUP=group_size)
     strides = (w.stride(0), scale.stride(0), scale.stride(1), z.stride(0), z.stride(1))
-    target = _target_programs(x.device.index or 0) if tuned else _CPU_TARGET_PROGRAMS
-    groups = k // group_size
+    regime = _regime(m)
+    cfg = (_CPU_CONFIGS if _INTERPRET else _GPU_CONFIGS)[regime]
+    tiles = dict(cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cols_per_byte = 2 if int4 else 1
     kw = k // cols_per_byte
-
-    def splits_for(nominal_n, k_step):
+    splits, per = 1, k  # prefill has M / BLOCK_M row tiles to spread over the SMs
+    if regime in ("gemv", "skinny"):
+        k_step = cfg.blocks["BLOCK_K"]  # a split's K range walks whole chunks
         if split_k is not None:
-            s = max(1, min(split_k, triton.cdiv(k, k_step)))
-            per = triton.cdiv(triton.cdiv(k, k_step), s) * k_step
-            return triton.cdiv(k, per), per
-        return _split_k(triton.cdiv(n, nominal_n), k, k_step, target)
-
-    if m == 1:
-        nominal, k_step = (_GEMV_NOMINAL_N, _GEMV_K_STEP) if tuned else (_CPU_GEMV["BLOCK_N"], _CPU_GEMV["BLOCK_K"])
-        splits, per = splits_for(nominal, k_step)
-        out = y if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=x.device)
-        args = (x, w, scale, z, out, n, k, kw, per // cols_per_byte, groups, *strides)
-        if tuned:
-            _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)](*args, **common)
+            steps = triton.cdiv(k, k_step)
+            per = triton.cdiv(steps, max(1, min(split_k, steps))) * k_step
+            splits = triton.cdiv(k, per)
         else:
-            _gemv_kernel[(triton.cdiv(n, _CPU_GEMV["BLOCK_N"]), splits)](*args, **common, **_CPU_GEMV)
+            splits, per = _split_k(triton.cdiv(n, cfg.blocks["BLOCK_N"]), k, k_step, _target_programs(x.device))
+    if regime == "gemv":
+        out = y if splits == 1 else torch.empty(splits, n, dtype=torch.float32, device=x.device)
+        _gemv_kernel[(triton.cdiv(n, cfg.blocks["BLOCK_N"]), splits)](
+            x, w, scale, z, out, n, k, kw, per // cols_per_byte, k // group_size, *strides, **common, **tiles
+        )
     else:
         precision = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32 in, fp32 products: no TF32 rounding
-        common.update(DOT_PRECISION=precision, GROUP_M=8)
-        m_bucket = min(triton.next_power_of_2(m), 4096)
-        skinny = m <= 16
-        splits, per = 1, k  # prefill has M / BLOCK_M row tiles to spread over the SMs
-        if skinny:
-            nominal, k_step = (
-                (_SKINNY_NOMINAL_N, _SKINNY_K_STEP) if tuned else (_CPU_SKINNY["BLOCK_N"], _CPU_SKINNY["BLOCK_K"])
-            )
-            splits, per = splits_for(nominal, k_step)
         out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        args = (x, w, scale, z, out, m, n, k, kw, per // cols_per_byte, groups, m_bucket, x.stride(0), *strides)
-
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
-
-        if tuned and skinny:
-            _skinny_tuned[grid](*args, **common, BLOCK_M=16)
-        elif tuned:
-            _prefill_tuned[grid](*args, **common)
-        else:
-            cfg = {"BLOCK_M": 16, **_CPU_SKINNY} if skinny else _CPU_PREFILL
-            _dot_kernel[grid(cfg)](*args, **common, **cfg)
+        grid = (triton.cdiv(m, cfg.blocks["BLOCK_M"]) * triton.cdiv(n, cfg.blocks["BLOCK_N"]), splits)
+        _dot_kernel[grid](
+            x, w, scale, z, out, m, n, k, kw, per // cols_per_byte, k // group_size, x.stride(0), *strides,
+            **common, DOT_PRECISION=precision, GROUP_M=8, **tiles,
+        )  # fmt: skip
     if splits > 1:
         numel = m * n
         _sum_splits_kernel[(triton.cdiv(numel, 1024),)](out, y, numel, splits, BLOCK=1024)
@@ -424,7 +423,7 @@ def int4_matmul(
     """y = x @ w.T with w the int4 weight of `Int4Linear` (see the module docstring for the layout).
 
     split_k forces the number of K splits for M <= 16 (tests); by default it is chosen from the
-    shape and the number of SMs.
+    shape and the number of SMs (fixed per layer, so it adds no compiled variant).
     """
     _check("int4_matmul", x, packed, scale, zero, group_size, int4=True)
     return _launch(x, packed, scale, zero, group_size, True, split_k)

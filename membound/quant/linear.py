@@ -21,6 +21,16 @@ from torch import nn
 
 FORMATS = ("int8", "int4", "fp8")
 
+# Where the Triton matmuls run: CUDA, and meta tensors (the sm_90a compile check runs the CUDA
+# path on them, compiling what a GPU would launch without one).
+_TRITON_DEVICES = ("cuda", "meta")
+
+
+def _triton_path(x: torch.Tensor) -> bool:
+    # fp32 activations on a GPU are a reference setting, not a fast one: they take the exact
+    # dequantize-then-matmul path (full-precision tl.dot tiles would spill registers).
+    return x.device.type in _TRITON_DEVICES and x.dtype != torch.float32
+
 
 class QuantLinear(nn.Module):
     """Base: y = x @ dequant(W).T (+ bias). Subclasses define the storage and `dequantize`."""
@@ -123,7 +133,7 @@ class Int8Linear(QuantLinear):
         return w.reshape(n, k).to(dtype)
 
     def _fast(self, x2: torch.Tensor) -> torch.Tensor | None:
-        if x2.device.type == "cuda":
+        if _triton_path(x2):
             from membound.kernels.quant_matmul import int8_matmul
 
             return int8_matmul(x2.contiguous(), self.qweight, self.scale, self.zero, self.group_size)
@@ -274,7 +284,7 @@ class Int4Linear(QuantLinear):
         return super().weight_nbytes()
 
     def _fast(self, x2: torch.Tensor) -> torch.Tensor | None:
-        if x2.device.type == "cuda" and self._cpu_pack is None:
+        if _triton_path(x2) and self._cpu_pack is None:
             from membound.kernels.quant_matmul import int4_matmul
 
             # The Triton kernel reads the nibbles and scales as stored: no dequantized copy.
