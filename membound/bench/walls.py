@@ -101,7 +101,7 @@ def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, s
         (
             "launch overhead",
             None,
-            "decode replays CUDA graphs (eager vs graphs: benchmarks/gpu_decode.py)"
+            "decode replays CUDA graphs (eager vs graphs: benchmarks/gpu_session.py decode_smollm2)"
             if engine.runner.graphs is not None
             else "decode runs eagerly here (CUDA graphs on GPUs unless --enforce-eager)",
         ),
