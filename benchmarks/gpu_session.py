@@ -61,6 +61,7 @@ if "--smoke" in sys.argv:  # CPU: Triton kernels run in its interpreter (set bef
 import torch  # noqa: E402
 
 from membound.bench.common import commit, table  # noqa: E402
+from membound.bench.hf import hf_llama_kwargs  # noqa: E402
 from membound.bench.latency import decode_point  # noqa: E402
 from membound.config import EngineConfig  # noqa: E402
 from membound.engine.llm_engine import LLMEngine  # noqa: E402
@@ -757,21 +758,6 @@ def hf_llama(shape: dict, dev: str, dtype):
     return model.eval()
 
 
-def hf_shape(preset: str) -> dict:
-    mc = PRESETS[preset]
-    return dict(
-        vocab_size=mc.vocab_size,
-        hidden_size=mc.hidden_size,
-        intermediate_size=mc.intermediate_size,
-        num_hidden_layers=mc.num_layers,
-        num_attention_heads=mc.num_heads,
-        num_key_value_heads=mc.num_kv_heads,
-        head_dim=mc.head_dim,
-        max_position_embeddings=1024,
-        tie_word_embeddings=mc.tie_word_embeddings,
-    )
-
-
 def hf_decode(model, ids: torch.Tensor, new: int) -> dict:
     """One greedy generate() with a static cache; decode step time = the median gap between
     successive logits-processor calls (generate syncs every step, so gaps are whole steps)."""
@@ -806,7 +792,7 @@ def hf_decode(model, ids: torch.Tensor, new: int) -> dict:
 def phase_hf_peer(rec: Recorder) -> None:
     import transformers
 
-    shape = TINY if rec.smoke else hf_shape("llama-3-8b")
+    shape = TINY if rec.smoke else hf_llama_kwargs(PRESETS["llama-3-8b"], max_position_embeddings=1024)
     prompt, new = (32, 8) if rec.smoke else (512, 128)  # decode_8b's context and steps
     t = time.perf_counter()
     model = hf_llama(shape, rec.device, torch.float32 if rec.smoke else torch.bfloat16)

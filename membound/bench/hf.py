@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from membound.engine.llm_engine import LLMEngine
 from membound.errors import ConfigError
+from membound.model.config import ModelConfig
 
 
-def hf_twin(engine: LLMEngine):
-    """A transformers LlamaForCausalLM holding the engine's weights (fused projections split back)."""
-    import transformers
-
-    cfg = engine.model_config
-    if cfg.architecture != "LlamaForCausalLM" or cfg.rope_scaling or cfg.attention_bias or cfg.qk_norm:
-        raise ConfigError("--compare hf supports Llama models with plain RoPE (e.g. SmolLM2, Llama 2)")
-    hf_cfg = transformers.LlamaConfig(
+def hf_llama_kwargs(cfg: ModelConfig, **overrides) -> dict:
+    """transformers.LlamaConfig's arguments for a membound model config (Llama with plain RoPE)."""
+    base = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -26,6 +22,17 @@ def hf_twin(engine: LLMEngine):
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
     )
+    return {**base, **overrides}
+
+
+def hf_twin(engine: LLMEngine):
+    """A transformers LlamaForCausalLM holding the engine's weights (fused projections split back)."""
+    import transformers
+
+    cfg = engine.model_config
+    if cfg.architecture != "LlamaForCausalLM" or cfg.rope_scaling or cfg.attention_bias or cfg.qk_norm:
+        raise ConfigError("--compare hf supports Llama models with plain RoPE (e.g. SmolLM2, Llama 2)")
+    hf_cfg = transformers.LlamaConfig(**hf_llama_kwargs(cfg))
     hf = transformers.LlamaForCausalLM(hf_cfg).to(engine.dtype).to(engine.device).eval()
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sd = {}
