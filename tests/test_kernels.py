@@ -252,3 +252,29 @@ def test_backend_selection():
     assert get_backend("auto", torch.device("cuda")).name == "triton"  # chosen, not run
     with pytest.raises(ConfigError, match="unknown attention backend 'flash'"):
         get_backend("flash")
+
+
+@pytest.mark.parametrize("block_size", [8, 48, 256])
+def test_triton_backend_refuses_block_sizes_its_tiles_cannot_run(tmp_path, block_size):
+    from membound import LLM
+    from membound.errors import ConfigError
+    from tests.conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path)
+    with pytest.raises(ConfigError, match="block_size 16, 32, 64 or 128"):
+        LLM(str(path), load_format="dummy", skip_tokenizer_init=True, attention_backend="triton", block_size=block_size)
+    with pytest.raises(ConfigError, match="float32 with an int8 KV cache"):
+        LLM(str(path), load_format="dummy", skip_tokenizer_init=True, attention_backend="triton", block_size=128,
+            dtype="float32", kv_cache_dtype="int8")  # fmt: skip
+
+
+def test_split_counts_are_powers_of_two_within_the_merge_tile():
+    from membound.kernels.decode_attention import MAX_SPLITS, choose_num_splits, paged_decode_attention
+
+    got = {choose_num_splits(b, kvh, pages) for b in (1, 3, 64) for kvh in (1, 8) for pages in (1, 5, 100, 4096)}
+    assert got <= {1 << i for i in range(6)} and max(got) == MAX_SPLITS
+    q = torch.randn(1, 2, 16)
+    cache = torch.randn(2, 4, 16, 16)
+    table, lens = torch.zeros(1, 1, dtype=torch.int32), torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="num_splits must be in 1..32"):
+        paged_decode_attention(q, cache, cache, table, lens, 0.25, num_splits=MAX_SPLITS + 1)

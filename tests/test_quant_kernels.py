@@ -200,3 +200,25 @@ def test_int8_matmul_bf16_real_sizes_on_gpu(m, n, k, group):
     x = torch.randn(m, k, generator=gen, device="cuda").to(torch.bfloat16)
     got = int8_matmul(x, q, scale, zero, g)
     _gpu_close(got, int8_matmul_ref(x, q, scale, zero, g))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on a GPU the other tests already run these configs")
+@pytest.mark.parametrize("fmt", ["int4_g32", "int4_g128", "int8_g16", "int8_g32_zero", "int8_channel"])
+def test_gpu_tile_configs_match_references_in_the_interpreter(monkeypatch, fmt):
+    """The tiles a GPU runs (larger than the interpreter's own), numerically, one M per regime."""
+    from membound.kernels import quant_matmul as qm
+
+    monkeypatch.setattr(qm, "_CPU_CONFIGS", qm._GPU_CONFIGS)
+    gen = torch.Generator().manual_seed(len(fmt))
+    n, k = 72, 512  # a ragged last row tile for every BLOCK_N; K spans several chunks of each BLOCK_K
+    for m in (1, 3, 17, 70):
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        if fmt.startswith("int4"):
+            g = int(fmt.split("_g")[1])
+            packed, scale, zero, w = _int4_data(n, k, g, torch.float32, gen)
+            got = int4_matmul(x, packed, scale, zero, g)
+        else:
+            g = k if fmt == "int8_channel" else int(fmt.split("_g")[1].split("_")[0])
+            q, scale, zero, w = _int8_data(n, k, g, torch.float32, fmt.endswith("zero"), gen)
+            got = int8_matmul(x, q, scale, zero, g)
+        _close(got, (x.float() @ w.T).to(torch.float16), torch.float16)

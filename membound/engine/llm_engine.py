@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 import time
 
@@ -156,7 +157,8 @@ class LLMEngine:
             self.allocator,
         )
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, config.seed)
-        if self.backend.name == "triton" or self.device.type == "cuda":
+        # The Triton kernels (attention, and the quantized matmuls on CUDA) compile now, not mid-serving.
+        if self.backend.name == "triton" or (self.device.type == "cuda" and importlib.util.find_spec("triton")):
             self._warm_up_kernels()
         if self.use_cuda_graphs:
             self.runner.graphs = self._build_decode_graphs()

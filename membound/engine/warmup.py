@@ -54,13 +54,13 @@ def warm_up_kernels(
 
     device = kv_caches[0][0].device
     seq_len = 2 * block_size + 1  # three pages: a partial last page, and more than one split
+    cap = min(max_model_len, num_blocks * block_size)  # all rows share one block-table row
     for m in warmup_rows(min(max_num_batched_tokens, max_model_len)):
         rows = min(m, max_num_seqs)
-        for q_lens in ([1] * rows, [m]) if m > 1 else ([1],):
-            length = min(max_model_len, max(seq_len, m))
+        # A prefill chunk of m tokens that the pool cannot hold, serving cannot run either.
+        for q_lens in ([1] * rows, [m]) if 1 < m <= cap else ([1] * rows,):
+            length = min(cap, max(seq_len, m))
             need = blocks_needed(length, block_size)
-            if need > num_blocks:
-                continue
             meta = synthetic_metadata(q_lens, length, list(range(need)), block_size, device)
             positions = [p for q in q_lens for p in range(length - q, length)]
             ids = torch.zeros(len(positions), dtype=torch.int64, device=device)

@@ -200,7 +200,9 @@ def launch_shape(dtype: torch.dtype, page: int, block_d: int, int8_kv: bool) -> 
     """num_warps / num_stages of both attention kernels: 8 warps once a [PAGE, D] tile holds 8K
     elements (or fp32, whose full-precision dots hold more registers), so no variant spills."""
     if dtype == torch.float32:  # stages from the compile check's sweep: the only spill-free choice
-        return {"num_warps": 8, "num_stages": 1 if int8_kv else 2 if (page, block_d) == (128, 64) else 3}
+        if int8_kv:
+            return {"num_warps": 8, "num_stages": 1 if page >= 32 else 3}
+        return {"num_warps": 8, "num_stages": 2 if (page, block_d) == (128, 64) else 3}
     return {"num_warps": 8 if page * block_d >= 8192 else 4, "num_stages": 3}
 
 

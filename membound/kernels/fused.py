@@ -29,7 +29,7 @@ def add_rmsnorm_ref(
 def _add_rmsnorm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x width passes 2^31 for long prefill chunks
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
     x = tl.load(x_ptr + row * n_cols + cols, mask=ok, other=0.0)
@@ -68,7 +68,7 @@ def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def _silu_and_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # rows x 2 x intermediate passes 2^31 at ~75K tokens (8B)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = col < n
     gate = tl.load(gu_ptr + row * 2 * n + col, mask=ok, other=0.0)
@@ -112,7 +112,7 @@ def _rope_write_kv_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_SCALES: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t)
     slot = tl.load(slot_ptr + t)
     i = tl.arange(0, BLOCK_HALF)

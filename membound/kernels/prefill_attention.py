@@ -68,8 +68,9 @@ def _prefill_kernel(
     t = tl.arange(0, PAGE)
     m_ok = m < q_len
     d_ok = d < HEAD_DIM
+    first_tok = q_lo.to(tl.int64)  # token x stride passes 2^31 in long chunks: a 64-bit scalar base
     q = tl.load(
-        q_ptr + (q_lo + m)[:, None] * stride_qt + head * stride_qh + d[None, :],
+        q_ptr + first_tok * stride_qt + m[:, None] * stride_qt + head * stride_qh + d[None, :],
         mask=m_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
@@ -104,7 +105,7 @@ def _prefill_kernel(
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
-        out_ptr + (q_lo + m)[:, None] * stride_ot + head * stride_oh + d[None, :],
+        out_ptr + first_tok * stride_ot + m[:, None] * stride_ot + head * stride_oh + d[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=m_ok[:, None] & d_ok[None, :],
     )
