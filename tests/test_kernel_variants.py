@@ -104,3 +104,23 @@ def test_warm_up_rows_cover_every_regime():
     rows = qm.warmup_rows(8192)
     assert {qm._regime(m) for m in range(1, 8193)} == {qm._regime(m) for m in rows}
     assert qm.warmup_rows(16) == [1, 2]  # never more rows than a step can hold
+
+
+def test_rope_write_kv_variant_does_not_depend_on_where_positions_sit():
+    """The CUDA-graph buffers hold positions and slots as rows of one [4, max_batch] int64 tensor:
+    their 16-byte alignment depends on max_batch, and must not pick another compiled variant."""
+    from membound.kernels import fused
+
+    gen = torch.Generator().manual_seed(0)
+    t, h, d, bs = 3, 2, 16, 16
+    k_cache, v_cache = torch.zeros(h, 4, bs, d), torch.zeros(h, 4, bs, d)
+    cos, sin = torch.randn(32, d // 2, generator=gen), torch.randn(32, d // 2, generator=gen)
+    with record_variants({"rope": fused._rope_write_kv_kernel}) as seen:
+        for width in (4, 3):  # rows start at 32 and 24 bytes: aligned and not
+            rows = torch.zeros(4, width, dtype=torch.int64)
+            rows[1, :t], rows[2, :t] = torch.arange(t), torch.arange(t) + bs
+            q, k, v = (torch.randn(t, h, d, generator=gen) for _ in range(3))
+            fused.rope_write_kv(q, k, v, cos, sin, rows[1, :t], k_cache, v_cache, rows[2, :t])
+        keys = [(x.key, x.naive_key) for x in seen]
+    assert keys[0][0] == keys[1][0]
+    assert keys[0][1] != keys[1][1]  # Triton's default would have compiled a second variant

@@ -104,7 +104,9 @@ def rope_write_kv_ref(
     return apply_rope(q, cos, sin)
 
 
-@triton.jit
+# Positions and slots are read one scalar per program; in the CUDA-graph buffers they are rows of one
+# [4, max_batch] tensor, 16-byte aligned or not by max_batch: not specialised on, one variant.
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _rope_write_kv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
     k_scale_ptr, v_scale_ptr,
