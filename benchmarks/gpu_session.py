@@ -175,7 +175,7 @@ def ceilings(rec: Recorder) -> Ceilings:
 
 
 def graphs_on(engine: LLMEngine) -> bool:
-    return engine.runner.graphs is not None and bool(engine.runner.graphs.graphs)
+    return engine.uses_cuda_graphs
 
 
 def run_dtype(rec: Recorder) -> str:

@@ -5,7 +5,7 @@ from membound.engine.llm_engine import LLMEngine
 from membound.entrypoints.llm import LLM
 from membound.errors import ConfigError, InvalidRequestError, MemboundError, ModelLoadError
 from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
-from membound.sampling_params import SamplingParams
+from membound.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "MemboundError",
     "ModelLoadError",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "TokenLogprob",
 ]

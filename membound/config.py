@@ -14,6 +14,9 @@ DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 QUANTIZATIONS = ("auto", "gguf", "none", "int8", "int4", "fp8")
 
 
+DEFAULT_LONG_PREFILL_THRESHOLD = 256
+
+
 @dataclasses.dataclass
 class EngineConfig:
     """Knobs named as vLLM names them, so users can carry their settings over.
@@ -33,6 +36,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    # While sequences decode, a prompt is fed at most this many tokens per step (chunked prefill
+    # only), so one long prompt does not stretch their inter-token latency. None: the default
+    # (DEFAULT_LONG_PREFILL_THRESHOLD, chosen by benchmarks/cpu_prefill_interference.py); 0: off.
+    long_prefill_token_threshold: int | None = None
     seed: int = 0
     load_format: str = "auto"  # "auto" or "dummy" (random weights)
     attention_backend: str = "auto"
@@ -58,6 +65,9 @@ class EngineConfig:
             positive("max_model_len")
         if self.kv_cache_memory_bytes is not None:
             positive("kv_cache_memory_bytes")
+        t = self.long_prefill_token_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
+            raise ConfigError(f"long_prefill_token_threshold must be a non-negative integer (0: off), got {t!r}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             # Otherwise decodes past the budget would wait behind the same others every step.
             raise ConfigError(
@@ -82,6 +92,12 @@ class EngineConfig:
             raise ConfigError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
+
+    @property
+    def prefill_chunk_cap(self) -> int:
+        """Tokens a prompt may take per step beside decodes (0: no cap)."""
+        t = self.long_prefill_token_threshold
+        return DEFAULT_LONG_PREFILL_THRESHOLD if t is None else t
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -30,3 +30,8 @@ class QueueFullError(MemboundError):
 
 class EngineDeadError(MemboundError):
     """The engine is not running (still loading, failed, or shutting down)."""
+
+
+class RequestFailedError(MemboundError):
+    """One request failed inside the engine (say, its output could not be detokenized); the
+    engine and every other request go on."""

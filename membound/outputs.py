@@ -50,4 +50,24 @@ class RequestOutput:
     delta_text: str = ""
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
     delta_logprobs: list[TokenLogprob] | None = None
-    error: str | None = None
+    error: str | None = None  # set when finish_reason is "error": what went wrong
+
+    def merged_with(self, newer: RequestOutput, delta: bool) -> RequestOutput:
+        """One output saying what `self` and then `newer` said (for a reader that fell behind).
+        delta: the outputs carry only what each step added (RequestOutputKind.DELTA)."""
+        lp = None
+        if self.delta_logprobs is not None or newer.delta_logprobs is not None:
+            lp = (self.delta_logprobs or []) + (newer.delta_logprobs or [])
+        comp = newer.outputs[0]
+        if delta:
+            old = self.outputs[0]
+            comp = dataclasses.replace(
+                comp, text=old.text + comp.text, token_ids=old.token_ids + comp.token_ids, logprobs=lp
+            )
+        return dataclasses.replace(
+            newer,
+            outputs=[comp],
+            delta_text=self.delta_text + newer.delta_text,
+            delta_token_ids=self.delta_token_ids + newer.delta_token_ids,
+            delta_logprobs=lp,
+        )

@@ -97,7 +97,7 @@ def test_walls_table(tmp_path, capsys):
     walls = {w["wall"]: w for w in r["walls"]}
     measured = [w for name, w in walls.items() if name.startswith(("host", "device"))]
     assert sum(w["share_of_step"] for w in measured) == pytest.approx(1.0)
-    assert all(w["ms"] >= 0 for w in measured) and walls["device: model forward"]["ms"] > 0
+    assert all(w["ms"] >= 0 for w in measured) and walls["device: model forward + sampling"]["ms"] > 0
     assert walls["bound: memory time"]["ms"] > 0 and walls["bound: compute time"]["ms"] > 0
     assert walls["launch overhead"]["ms"] is None
     assert r["tok_s"] == pytest.approx(2000 / r["step_ms"])

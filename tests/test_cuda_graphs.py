@@ -50,10 +50,10 @@ def test_padded_decode_matches_the_unpadded_path(tmp_path, max_num_seqs):
     ]
     plain = tiny_llm(tmp_path / "a", max_num_seqs=max_num_seqs, max_num_batched_tokens=64)
     padded = tiny_llm(tmp_path / "b", max_num_seqs=max_num_seqs, max_num_batched_tokens=64)
-    padded.engine.runner.graphs = padded.engine._build_decode_graphs()
+    padded.engine.use_static_decode_buffers()
     calls = []
     run = padded.engine.runner.graphs.run
-    padded.engine.runner.graphs.run = lambda *a: calls.append(len(a[0])) or run(*a)
+    padded.engine.runner.graphs.run = lambda *a: calls.append(a[0].meta.num_seqs) or run(*a)
     want = plain.generate(prompts, reqs)
     got = padded.generate(prompts, reqs)
     assert calls and max(calls) == max_num_seqs  # decodes went through the padded path, at full batch too
@@ -70,7 +70,8 @@ def test_padded_decode_matches_the_unpadded_path(tmp_path, max_num_seqs):
 def test_pad_block_is_outside_the_allocator(tmp_path):
     llm = tiny_llm(tmp_path, blocks=10)
     engine = llm.engine
-    graphs = engine._build_decode_graphs()
+    engine.use_static_decode_buffers()
+    graphs = engine.runner.graphs
     assert graphs.pad_block == engine.allocator.num_blocks == 10
     assert engine.runner.kv_caches[0][0].shape[1] == 11  # allocator's blocks + the scratch block
     assert 10 not in engine.allocator.allocate(10)

@@ -12,8 +12,9 @@ import torch
 
 from membound.attention.torch_paged import decode_attention, prefill_attention, quantize_int8, write_kv
 from membound.kernels.decode_attention import paged_decode_attention
-from membound.kernels.fused import rope_write_kv, rope_write_kv_ref
+from membound.kernels.fused import rope_write_kv
 from membound.kernels.prefill_attention import paged_prefill_attention
+from membound.layers.rotary import rope_write_kv as rope_write_kv_ref
 from tests.test_kernels import scrambled_block_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import pathlib
 
 import pytest
@@ -15,6 +16,7 @@ from membound.model.registry import PRESETS, default_model_path
 from membound.plan import doctor
 from membound.plan.gpus import GPUS, GPUSpec, get_gpu, match_device_name
 from membound.plan.planner import load_shape, make_plan, shape_weight_bytes, weight_bits
+from membound.quant.linear import linear_weight_bytes
 
 GIB = 2**30
 
@@ -234,17 +236,95 @@ def test_doctor_flags_memory_taken_by_another_process_and_narrow_pcie():
 def test_doctor_fit_check():
     shape = load_shape("llama-3-8b")
     need = shape.weights.stored + 4096 * 131_072 + GIB
-    assert doctor.judge_fit(shape, need, 4096, 2, GIB).status == doctor.OK
-    bad = doctor.judge_fit(shape, need - 1, 4096, 2, GIB)
+    assert doctor.judge_fit(shape, need, 4096, "bf16", GIB).status == doctor.OK
+    bad = doctor.judge_fit(shape, need - 1, 4096, "bf16", GIB)
     assert bad.status == doctor.FAIL and "--weights int4" in bad.fix
 
 
-def test_doctor_runs_for_real_on_this_cpu(capsys):
+def test_doctor_runs_for_real_on_this_cpu(capsys, smollm2):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["GPU"]["status"] == doctor.WARN and "no CUDA GPU" in checks["GPU"]["detail"]
     assert "GB/s measured" in checks["CPU memory bandwidth"]["detail"]
     rate = float(checks["decode (batch 1)"]["detail"].split()[0])
-    bound = float(checks["decode (batch 1)"]["detail"].split(" vs ")[1].split()[0])
+    bound = float(checks["decode (batch 1)"]["detail"].replace(",", "").split(" vs ")[1].split()[0])
     assert 0 < rate < 1.2 * bound and math.isfinite(bound)
+    # The bound is the packed default's own weight bytes over the measured bandwidth: the
+    # engine's, not the fp32 parameter count (538 MB) the doctor once divided by.
+    data = checks["CPU decode bound"]["data"]
+    engine_bytes = smollm2.engine.memory.weight_bytes
+    assert data["weight_bytes_per_token"] == engine_bytes == linear_weight_bytes(smollm2.engine.model)[0]
+    assert data["bound_tok_s"] == pytest.approx(data["bandwidth_gbs"] * 1e9 / engine_bytes, rel=1e-12)
+    assert bound == pytest.approx(data["bound_tok_s"], abs=0.06)  # the decode check's reference, as printed
+
+
+def test_doctor_decode_bound_is_engine_weight_bytes_over_bandwidth(smollm2):
+    engine = smollm2.engine
+    assert engine.quantization == "gguf"  # the default: the file's Q4_1 / Q8_0 blocks kept packed
+    nbytes = doctor.engine_weight_bytes_per_step(engine)
+    assert nbytes == engine.memory.weight_bytes == linear_weight_bytes(engine.model)[0]  # tied: all of it streams
+    check, bound = doctor.decode_bound("default", nbytes, 50.0, "as loaded")
+    assert bound == 50.0 * 1e9 / engine.memory.weight_bytes
+    assert check.data == {"weight_bytes_per_token": nbytes, "bandwidth_gbs": 50.0, "bound_tok_s": bound}
+    # ~98 MB: Q4_1 layers at 5 bits, the Q8_0 table (also the LM head) at 9 bits, fp32 norms.
+    assert 95e6 < nbytes < 100e6
+    assert nbytes == pytest.approx(load_shape(None).weights.per_step, rel=0.02)  # the file's own blocks
+
+
+# ---------------------------------------------------------------------- plan against the engine
+
+
+def test_plan_for_the_engines_model_and_settings_matches_its_memory_plan(smollm2, capsys):
+    """`membound plan` for the default model with the engine's settings (CPU: fp32 KV, 16-token
+    blocks, the fixture's 128 MiB KV budget) gives the engine's own memory plan."""
+    engine, mem = smollm2.engine, smollm2.engine.memory
+    assert main(["plan", "--gpu", "cpu", "--kv-cache-memory", "128", "--context", "1024", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["kv_dtype"] == "fp32" and plan["kv_budget_source"] == "given"
+    assert plan["kv_bytes_per_token"] == engine.kv_spec.bytes_per_token
+    assert plan["kv_block_bytes"] == engine.kv_spec.bytes_per_block
+    assert plan["kv_blocks"] == pytest.approx(mem.num_blocks, rel=0.01)
+    assert plan["kv_cache_bytes"] == pytest.approx(mem.kv_bytes, rel=0.01)
+    assert plan["kv_tokens"] == pytest.approx(mem.kv_tokens, rel=0.01)
+    assert plan["max_concurrency"] == int(mem.max_concurrency)  # whole sequences of 1024 tokens
+    # In fact they are equal: one cost model.
+    assert (plan["kv_blocks"], plan["kv_cache_bytes"]) == (mem.num_blocks, mem.kv_bytes)
+    # Weights: the file's block bytes vs what the engine holds; within 2% (the Q8_0 table keeps
+    # an fp32 scale per 32 weights where the file has an fp16 one).
+    assert plan["weight_bytes_per_step"] == pytest.approx(mem.weight_bytes, rel=0.02)
+
+
+@pytest.mark.parametrize("kv", ["fp32", "bf16", "fp8", "int8"])
+def test_plan_kv_bytes_are_the_engines_for_every_kv_dtype(kv):
+    import torch
+
+    from membound.engine.kv_cache import KVCacheSpec
+
+    shape = load_shape("llama-3-8b")
+    c = shape.config
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8}[kv]
+    spec = KVCacheSpec(c.num_layers, c.num_kv_heads, c.head_dim, 16, dtype)
+    plan = make_plan(shape, get_gpu("h100-sxm"), 4096, 1, kv_dtype=kv)
+    assert plan.kv_bytes_per_token == spec.bytes_per_token and plan.kv_block_bytes == spec.bytes_per_block
+
+
+def test_plan_kv_budget_follows_the_engine_on_cpu_and_gpu():
+    import torch
+
+    from membound.config import EngineConfig
+    from membound.engine.memory import kv_budget_bytes
+
+    shape = load_shape(None)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu = GPUSpec("CPU", ram / GIB, 50, 1, None, 0, cpu=True)
+    plan = make_plan(shape, cpu, 1024, 1)
+    assert plan.kv_dtype == "fp32" and plan.kv_budget_source == "cpu default"
+    assert plan.kv_budget_bytes == kv_budget_bytes(EngineConfig(), torch.device("cpu"), 0, 0)
+    # A GPU: utilization x memory - weights - overhead, where the engine's overhead is its measured
+    # activation peak (plus graphs and other processes' memory).
+    gpu = _tiny_gpu(8 * GIB)
+    plan = make_plan(shape, gpu, 1024, 1, gpu_memory_utilization=0.5, overhead_bytes=GIB)
+    assert plan.kv_budget_source == "device"
+    assert plan.kv_budget_bytes == int(0.5 * gpu.memory_bytes) - shape.weights.stored - GIB
+    assert plan.kv_blocks == plan.kv_budget_bytes // plan.kv_block_bytes

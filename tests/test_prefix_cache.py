@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from membound import LLM, SamplingParams
-from membound.engine.kv_cache import BlockAllocator, hash_block
+from membound.engine.block_pool import BlockPool
+from membound.engine.kv_cache import hash_block
 from tests.conftest import tiny_llm
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
@@ -22,7 +23,7 @@ def test_hash_chains_over_the_whole_prefix():
 
 
 def test_cached_free_blocks_are_evicted_least_recently_used_first():
-    alloc = BlockAllocator(3)
+    alloc = BlockPool(3)
     x, y = alloc.allocate(2)
     alloc.register(x, b"x")
     alloc.register(y, b"y")
@@ -218,15 +219,16 @@ def test_without_hits_the_schedule_is_identical_to_caching_off(tmp_path):
 
     def trace(llm: LLM) -> list:
         eng, steps = llm.engine, []
-        real = eng.runner.launch
+        real = eng.scheduler.schedule
 
-        def spy(sched, prev=None):
+        def spy():
+            sched = real()
             steps.append(
                 [(s.request.request_id, s.num_new_tokens, tuple(s.request.block_ids)) for s in sched.scheduled]
             )
-            return real(sched, prev)
+            return sched
 
-        eng.runner.launch = spy
+        eng.scheduler.schedule = spy
         g = torch.Generator().manual_seed(5)
         for i in range(6):
             eng.add_request(

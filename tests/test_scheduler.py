@@ -7,12 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from membound import LLM, SamplingParams
-from membound.engine.kv_cache import BlockAllocator
+from membound.engine.block_pool import BlockPool
 from tests.conftest import tiny_llm
 
 
 def test_allocator_refuses_double_free_and_overcommit():
-    a = BlockAllocator(4)
+    a = BlockPool(4)
     got = a.allocate(3)
     assert a.num_free == 1
     with pytest.raises(RuntimeError):
@@ -30,13 +30,19 @@ def test_chunked_prefill_respects_the_token_budget_and_decodes_go_first(tmp_path
     eng.step()  # prefill of "short"; it now decodes
     eng.add_request("long", list(range(100)), SamplingParams(max_tokens=5, ignore_eos=True))
     chunks = []
-    for _ in range(4):
-        sched = eng.scheduler.schedule()
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        sched = schedule()
         assert sched.num_tokens <= 32
         first = sched.scheduled[0]
         assert first.request.request_id == "short" and first.num_new_tokens == 1
         chunks.append(next(s.num_new_tokens for s in sched.scheduled if s.request.request_id == "long"))
-        eng._update(sched, eng.runner.execute(sched))
+        return sched
+
+    eng.scheduler.schedule = spy
+    for _ in range(4):
+        eng.step()
     assert chunks == [31, 31, 31, 7]  # 100 prompt tokens, 31 per step beside the decode
 
 

@@ -77,6 +77,7 @@ def test_abort_frees_blocks_at_once(smollm2):
 
 
 def test_the_earliest_stop_string_wins_within_one_token():
+    from membound.engine.output import append_token
     from membound.engine.request import Request
 
     class OnePiece:
@@ -84,5 +85,5 @@ def test_the_earliest_stop_string_wins_within_one_token():
             return "xab"
 
     req = Request("r", None, [1], SamplingParams(stop=["b", "a"]), 0.0, (), 100, OnePiece(), None)
-    req.append_token(5, None)
+    append_token(req, 5, None)
     assert req.text == "x" and req.stop_reason == "a" and req.finish_reason == "stop"

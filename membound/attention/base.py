@@ -50,7 +50,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    """Writes this step's K/V into the cache, then attends. Returns [T, H, D]."""
+    """`forward` writes this step's K/V into the cache, then attends; `attend` only attends, for a model
+    whose layer kernels wrote K/V already (RoPE fused with the write). Both return [T, H, D]."""
 
     name: str
 
@@ -65,4 +66,15 @@ class AttentionBackend(Protocol):
         scale: float,
         sliding_window: int | None,
         kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,  # int8 cache: [KVH, num_blocks, block_size]
+    ) -> torch.Tensor: ...
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, H, D]
+        k_cache: torch.Tensor,  # this step's K/V already written
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...

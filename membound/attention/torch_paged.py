@@ -159,6 +159,19 @@ class TorchPagedAttention:
         kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
+        return self.attend(q, k_cache, v_cache, meta, scale, sliding_window, kv_scales)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Attention over K/V already in the cache (this step's included)."""
         nd = meta.num_decodes
         parts = []
         if nd:

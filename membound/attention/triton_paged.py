@@ -14,7 +14,6 @@ from membound.attention.torch_paged import write_kv
 
 class TritonPagedAttention:
     name = "triton"
-    fused = True  # the model rotates q/k and writes the cache in one kernel, then calls `attend`
 
     def forward(
         self,

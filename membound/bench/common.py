@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from membound import costs
 from membound.engine.llm_engine import LLMEngine
 from membound.model.tokenizer import tokenizer_cache_dir
 from membound.plan.ceilings import Ceilings, measure
@@ -77,40 +78,31 @@ def device_ceilings(device: torch.device, dtype: torch.dtype, remeasure: bool = 
     return c
 
 
+def engine_weight_bytes(engine: LLMEngine) -> costs.WeightBytes:
+    """The loaded engine's weights as the cost model counts them: stored (quantized layers as
+    stored), streamed per decode step, and multiplied per token."""
+    return costs.loaded_weight_bytes(engine.model, engine.model_config.tie_word_embeddings)
+
+
 def weight_bytes_per_step(engine: LLMEngine) -> int:
     """Bytes of weights one decode step streams: all (quantized layers as stored) but the
     embedding table, unless it is tied to the LM head."""
-    from membound.quant.linear import linear_weight_bytes
-
-    total = linear_weight_bytes(engine.model)[0]
-    if not engine.model_config.tie_word_embeddings:
-        emb = engine.model.embed_tokens
-        if isinstance(emb, torch.nn.Embedding):
-            total -= emb.weight.numel() * emb.weight.element_size()
-        else:  # kept packed (quant.linear.Int8Embedding): a lookup reads a few rows
-            total -= emb.weight_nbytes()
-    return total
+    return engine_weight_bytes(engine).per_step
 
 
 def matmul_flops_per_token(engine: LLMEngine) -> int:
     """2 FLOPs per weight of every matrix a token goes through (layers and LM head)."""
-    from membound.quant.linear import linear_weight_bytes
+    return 2 * engine_weight_bytes(engine).matmul_params
 
-    n = linear_weight_bytes(engine.model)[1]  # quantized layers
-    for name, p in engine.model.named_parameters():
-        if p.dim() == 2 and "embed_tokens" not in name:
-            n += p.numel()
-    if engine.model_config.tie_word_embeddings:
-        n += engine.model_config.vocab_size * engine.model_config.hidden_size
-    return 2 * n
+
+def engine_decode_cost(engine: LLMEngine) -> costs.DecodeCost:
+    return costs.DecodeCost.of(engine.model_config, engine_weight_bytes(engine), engine.kv_spec.bytes_per_token)
 
 
 def decode_step_cost(engine: LLMEngine, batch: int, context: float) -> tuple[int, int, float]:
     """(weight bytes, KV bytes, FLOPs) of one decode step of `batch` sequences at `context` tokens each."""
-    cfg = engine.model_config
-    kv = int(batch * context * engine.kv_spec.bytes_per_token)
-    attention = 4 * context * cfg.num_layers * cfg.num_heads * cfg.head_dim  # QK^T and PV per token
-    return weight_bytes_per_step(engine), kv, batch * (matmul_flops_per_token(engine) + attention)
+    step = engine_decode_cost(engine).step(batch, context)
+    return step.weight_bytes, step.kv_bytes, step.flops
 
 
 def peak_memory(device: torch.device) -> tuple[int, int]:

@@ -10,7 +10,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from membound.bench.common import decode_step_cost, peak_memory
+from membound import costs
+from membound.bench.common import engine_decode_cost, peak_memory
 from membound.engine.kv_cache import blocks_needed
 from membound.engine.llm_engine import LLMEngine
 from membound.plan.ceilings import Ceilings
@@ -42,7 +43,7 @@ def _prompts(rng: random.Random, vocab: int, n: int, length: int) -> list[list[i
 
 
 def _drain(engine: LLMEngine) -> None:
-    for rid in list(engine.requests):
+    for rid in engine.request_ids():
         engine.abort_request(rid)
     engine.reset_prefix_cache()
 
@@ -70,7 +71,7 @@ def decode_point(engine: LLMEngine, rng: random.Random, batch: int, context: int
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     for i, p in enumerate(_prompts(rng, engine.model_config.vocab_size, batch, context)):
         engine.add_request(f"d{i}", p, params)
-    while any(r.num_output_tokens == 0 for r in engine.requests.values()):
+    while any(engine.num_output_tokens(r) == 0 for r in engine.request_ids()):
         engine.step()  # prefill everyone; each then holds its first token
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
@@ -82,9 +83,9 @@ def decode_point(engine: LLMEngine, rng: random.Random, batch: int, context: int
     dt = (time.perf_counter() - t) / steps
     peak, total = peak_memory(engine.device)
     _drain(engine)
-    weights, kv, flops = decode_step_cost(engine, batch, context + steps / 2)  # the mean context over the run
-    nbytes = weights + kv
-    bw, peak_flops = ceil.copy_bandwidth_gbs * 1e9, ceil.matmul_tflops * 1e12
+    cost = engine_decode_cost(engine).step(batch, context + steps / 2)  # the mean context over the run
+    nbytes, kv, flops = cost.bytes, cost.kv_bytes, cost.flops
+    bw, peak_flops = ceil.copy_bandwidth_gbs * costs.GB, ceil.matmul_tflops * 1e12
     return {
         **point,
         "step_ms": dt * 1000,
@@ -94,9 +95,9 @@ def decode_point(engine: LLMEngine, rng: random.Random, batch: int, context: int
         "kv_bytes_per_step": kv,
         "bytes_per_step": nbytes,
         "flops_per_step": flops,
-        "achieved_gbs": nbytes / dt / 1e9,
+        "achieved_gbs": nbytes / dt / costs.GB,
         "roofline_share": nbytes / dt / bw,
-        "bound_tok_s": batch / max(nbytes / bw, flops / peak_flops),
+        "bound_tok_s": costs.roofline_tok_s(cost, batch, bw, peak_flops),
         "peak_memory_bytes": peak,
         "total_memory_bytes": total,
         "headroom_bytes": total - peak,

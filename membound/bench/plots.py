@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from membound import costs  # noqa: E402
+
 
 def _save(fig, path: pathlib.Path) -> str:
     fig.tight_layout()
@@ -58,7 +60,7 @@ def latency_plots(result: dict, out_dir: str) -> list[str]:
 
 def roofline_plot(points: list[dict], ceilings: dict, path: pathlib.Path, title: str) -> str:
     """Achieved FLOP/s against arithmetic intensity, under min(peak, bandwidth x intensity)."""
-    bw = ceilings["copy_bandwidth_gbs"] * 1e9
+    bw = ceilings["copy_bandwidth_gbs"] * costs.GB
     peak = ceilings["matmul_tflops"] * 1e12
     fig, ax = plt.subplots(figsize=(6, 4))
     ai = [p["flops_per_step"] / p["bytes_per_step"] for p in points]

@@ -1,9 +1,8 @@
 """`membound bench walls`: where one decode step goes (the second seed's four walls).
 
-The step is timed with its parts instrumented: scheduling (schedule + commit), input
-preparation, the model forward, sampling with the result's trip to the host. On CUDA the
-forward is followed by a synchronize so its device time lands in it, not in the sampler's
-transfer. Beside the measured parts, the bounds the hardware sets: memory time = bytes per
+The step's parts come from the engine's own step timing (async scheduling off, so they do not
+overlap): scheduling, input preparation, the model forward with sampling and the result's trip
+to the host, output handling. Beside the measured parts, the bounds the hardware sets: memory time = bytes per
 step / measured bandwidth, compute time = FLOPs per step / measured matmul rate. Launch
 overhead is eager minus CUDA-graph step time, reported once decode runs through graphs.
 """
@@ -14,51 +13,23 @@ import contextlib
 import random
 import time
 
-import torch
-
-import membound.engine.model_runner as model_runner
-from membound.bench.common import decode_step_cost
+from membound import costs
+from membound.bench.common import engine_decode_cost
 from membound.engine.llm_engine import LLMEngine
 from membound.plan.ceilings import Ceilings
 from membound.sampling_params import SamplingParams
 
 
 @contextlib.contextmanager
-def _instrument(engine: LLMEngine, spent: dict[str, float]):
-    sync = engine.device.type == "cuda"
-    patches = []
-
-    def wrap(obj, name: str, key: str, after_sync: bool = False):
-        inner = getattr(obj, name)
-
-        def timed(*a, **kw):
-            t = time.perf_counter()
-            try:
-                out = inner(*a, **kw)
-                if after_sync and sync:
-                    torch.cuda.synchronize(engine.device)
-                return out
-            finally:
-                spent[key] += time.perf_counter() - t
-
-        setattr(obj, name, timed)
-        patches.append((obj, name, inner))
-
-    wrap(engine.scheduler, "schedule", "scheduling")
-    wrap(engine.scheduler, "commit", "scheduling")
-    wrap(engine.runner, "prepare", "input_prep")
-    wrap(engine.runner, "forward_logits", "forward", after_sync=True)
-    wrap(engine.runner, "_graph_decode", "forward", after_sync=True)
-    wrap(model_runner, "sample_on_device", "sampling_transfer")
-    wrap(engine.runner, "fetch", "sampling_transfer")
-    # Phases are timed one after another: with async scheduling they would overlap.
-    was_async, engine.async_scheduling = engine.async_scheduling, False
+def _synchronous(engine: LLMEngine):
+    """Phases are read one after another from each step's timing: with async scheduling they
+    would overlap."""
+    was_async = engine.async_scheduling
+    engine.async_scheduling = False
     try:
         yield
     finally:
         engine.async_scheduling = was_async
-        for obj, name, inner in reversed(patches):
-            setattr(obj, name, inner)
 
 
 def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, steps: int = 16) -> dict:
@@ -67,42 +38,47 @@ def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, s
     params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"w{i}", [rng.randrange(1, vocab) for _ in range(context)], params)
-    while any(r.num_output_tokens < 2 for r in engine.requests.values()):
+    while any((engine.num_output_tokens(r) or 0) < 2 for r in engine.request_ids()):
         engine.step()  # prefill, and one decode step to warm up
-    spent = dict.fromkeys(("scheduling", "input_prep", "forward", "sampling_transfer"), 0.0)
-    with _instrument(engine, spent):
+    spent = dict.fromkeys(("scheduling", "input_prep", "forward", "output"), 0.0)
+    with _synchronous(engine):
         t = time.perf_counter()
         for _ in range(steps):
             engine.step()
+            st = engine.last_step_timing
+            spent["scheduling"] += st.schedule
+            spent["input_prep"] += st.prepare
+            spent["forward"] += st.launch + st.wait  # launch, then until the device finished
+            spent["output"] += st.output
         step = (time.perf_counter() - t) / steps
-    for rid in list(engine.requests):
+    for rid in engine.request_ids():
         engine.abort_request(rid)
     engine.reset_prefix_cache()
-    weights, kv, flops = decode_step_cost(engine, batch, context + 1 + steps / 2)
-    nbytes = weights + kv
+    cost = engine_decode_cost(engine).step(batch, context + 1 + steps / 2)
+    nbytes, flops = cost.bytes, cost.flops
     per = {k: v / steps for k, v in spent.items()}
     other = step - sum(per.values())
     rows = [
-        ("host: scheduling", per["scheduling"], "schedule + commit (block tables, prefix cache)"),
-        ("host: input preparation", per["input_prep"], "index tensors built and copied to the device"),
-        ("host: sampling + result transfer", per["sampling_transfer"], "sampler and the ids' trip to the host"),
-        ("host: output handling", other, "detokenization, stop checks, outputs"),
-        ("device: model forward", per["forward"], "measured (on CUDA: until the GPU finished)"),
+        ("host: scheduling", per["scheduling"], "token budget, blocks, preemption"),
+        ("host: input preparation", per["input_prep"], "persistent batch updates and the packed index upload"),
+        ("device: model forward + sampling", per["forward"], "launch until the result reached the host"),
+        ("host: output handling", per["output"], "append, detokenization, stop checks, outputs, prefix cache"),
+        ("host: other", other, "the engine loop around the parts"),
         (
             "bound: memory time",
-            nbytes / (ceil.copy_bandwidth_gbs * 1e9),
+            cost.memory_seconds(ceil.copy_bandwidth_gbs * costs.GB),
             f"{nbytes / 1e6:,.1f} MB / measured bandwidth",
         ),
         (
             "bound: compute time",
-            flops / (ceil.matmul_tflops * 1e12),
+            cost.compute_seconds(ceil.matmul_tflops * 1e12),
             f"{flops / 1e9:,.2f} GFLOP / measured matmul rate",
         ),
         (
             "launch overhead",
             None,
             "decode replays CUDA graphs (eager vs graphs: benchmarks/gpu_session.py decode_smollm2)"
-            if engine.runner.graphs is not None
+            if engine.uses_cuda_graphs
             else "decode runs eagerly here (CUDA graphs on GPUs unless --enforce-eager)",
         ),
     ]

@@ -7,8 +7,8 @@ one is captured per batch size of a ladder (1, 2, 4, 8, then every 8) and a batc
 up to the next size. Padding rows decode token 0 at position 0 into a scratch KV block that
 the allocator never hands out, so they cannot touch a real sequence.
 
-Every graph reads its inputs from the same static buffers: the host fills pinned copies of
-them and sends only the rows (and block-table columns) in use, asynchronously. The forward
+Every graph reads its inputs from the same static buffers: the step's inputs, already on the
+device (the persistent input batch built them), are copied in before the replay. The forward
 pass is identical with or without capture; `capture=False` runs it eagerly on the padded
 buffers, which is how the CPU tests check the padding.
 """
@@ -18,10 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from membound.attention.base import AttentionMetadata
+
+if TYPE_CHECKING:
+    from membound.engine.input_batch import ModelInputs
 
 log = logging.getLogger("membound")
 
@@ -63,22 +67,13 @@ class DecodeGraphs:
         self.pad_block = pad_block
         self.device = device
         b, w = self.ladder[-1], self.max_blocks
-        pin = device.type == "cuda"
-        # [ids, positions, slots, seq_lens] per row, and the block table: host (pinned) and device twins.
-        # Two host sets alternate: with overlapped scheduling the next step is filled while the
-        # previous upload may still be in flight.
-        self._host = [
-            (torch.zeros(4, b, dtype=torch.int64, pin_memory=pin), torch.zeros(b, w, dtype=torch.int32, pin_memory=pin))
-            for _ in range(2)
-        ]
-        self.host_rows, self.host_table = self._host[0]
-        self.rows = torch.zeros(4, b, dtype=torch.int64, device=device)
-        self.table = torch.full((b, w), pad_block, dtype=torch.int32, device=device)
+        # Static inputs every graph reads; a step copies its (device) inputs in, device to device.
+        self.ids = torch.zeros(b, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=device)
+        self.slots = torch.full((b,), pad_block * block_size, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
+        self.table = torch.full((b, w), pad_block, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
-        # Contiguous staging for the block table: a non-contiguous host-to-device copy would go
-        # through pageable memory (and may wait for the stream); a device-to-device copy places it.
-        self.table_staging = torch.zeros(b * w, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}  # each size's output; logits are computed outside
         self.pool = None
@@ -93,11 +88,8 @@ class DecodeGraphs:
 
         Logits stay outside the graph: a [bs, vocab] fp32 output per captured size would hold
         gigabytes for a 128K vocabulary, and the LM head then skips the padding rows."""
-        ids, positions, slots, _ = self.rows[:, :bs]
-        # Written inside the graph, so the replay itself turns the int64 upload into int32 lengths.
-        self.seq_lens[:bs].copy_(self.rows[3, :bs])
         meta = AttentionMetadata(
-            slot_mapping=slots,
+            slot_mapping=self.slots[:bs],
             block_tables=self.table[:bs],
             seq_lens=self.seq_lens[:bs],
             query_start_loc=self.query_start_loc[: bs + 1],
@@ -105,7 +97,7 @@ class DecodeGraphs:
             seq_lens_host=seq_lens_host,
             query_start_loc_host=tuple(range(bs + 1)),
         )
-        return self.model(ids, positions, self.kv_caches, meta)
+        return self.model(self.ids[:bs], self.positions[:bs], self.kv_caches, meta)
 
     @torch.inference_mode()
     def capture(self, sizes: list[int] | None = None) -> int:
@@ -119,8 +111,6 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         t0 = time.perf_counter()
-        self._fill_padding(0, self.max_batch)
-        self.rows[:, :].copy_(self.host_rows)
         lens = (self.max_model_len,) * self.max_batch
         sizes = sorted(sizes or self.ladder, reverse=True)
         stream = torch.cuda.Stream(self.device)
@@ -139,7 +129,7 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
-        static = sum(t.numel() * t.element_size() for t in (self.rows, self.table, self.table_staging, self.seq_lens))
+        static = sum(t.numel() * t.element_size() for t in (self.ids, self.positions, self.slots, self.table))
         self.graph_bytes = torch.cuda.memory_reserved(self.device) - before + static
         log.info(
             "captured %d CUDA graphs (batch %s) in %.1fs, %.1f MiB",
@@ -150,54 +140,30 @@ class DecodeGraphs:
         )
         return self.graph_bytes
 
-    def _fill_padding(self, lo: int, hi: int) -> None:
-        """Rows lo..hi decode token 0 at position 0 into the scratch block."""
-        self.host_rows[:, lo:hi] = 0
-        self.host_rows[2, lo:hi] = self.pad_block * self.block_size
-        self.host_rows[3, lo:hi] = 1
+    def run(self, inputs: ModelInputs) -> torch.Tensor:
+        """One decode step for the inputs' sequences (every row one token); [B, hidden] states.
 
-    def run(
-        self,
-        token_ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        block_tables: list[list[int]],
-        prev: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """One decode step for len(token_ids) sequences; [B, vocab] fp32 logits.
-
-        positions[i] is the new token's position, so the sequence length is positions[i] + 1.
-        prev: (device ids, row index) that replace token_ids, for a step scheduled ahead of its inputs."""
-        n = len(token_ids)
+        Padding rows decode token 0 at position 0 into the scratch block; block-table columns
+        past a row's length may hold an earlier step's entries, which no kernel reads."""
+        meta = inputs.meta
+        n = meta.num_seqs
         bs = padded_size(self.ladder, n)
-        self._host.reverse()
-        self.host_rows, self.host_table = self._host[0]
-        rows = self.host_rows
-        rows[0, :n] = torch.tensor(token_ids, dtype=torch.int64)
-        rows[1, :n] = torch.tensor(positions, dtype=torch.int64)
-        rows[2, :n] = torch.tensor(slots, dtype=torch.int64)
-        rows[3, :n] = rows[1, :n] + 1
-        self._fill_padding(n, bs)
-        width = max(len(t) for t in block_tables)
-        # Only the rows in use and the columns any of them reaches travel, packed contiguously:
-        # rows as a whole (a few KB), the table as a [bs, width] block of the flat staging.
-        table = self.host_table.view(-1)[: bs * width].view(bs, width)
-        for i, t in enumerate(block_tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        table[n:bs, 0] = self.pad_block
-        self.rows.copy_(rows, non_blocking=True)
-        staged = self.table_staging[: bs * width]
-        staged.copy_(self.host_table.view(-1)[: bs * width], non_blocking=True)
-        self.table[:bs, :width].copy_(staged.view(bs, width))
-        if prev is not None:
-            self.rows[0, :n].copy_(prev[0][prev[1]])
+        width = meta.block_tables.shape[1]
+        self.ids[:n].copy_(inputs.input_ids)
+        self.positions[:n].copy_(inputs.positions)
+        self.slots[:n].copy_(meta.slot_mapping)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.table[:n, :width].copy_(meta.block_tables)
+        if bs > n:
+            self.ids[n:bs].zero_()
+            self.positions[n:bs].zero_()
+            self.slots[n:bs].fill_(self.pad_block * self.block_size)
+            self.seq_lens[n:bs].fill_(1)
+            self.table[n:bs, 0].fill_(self.pad_block)
         graph = self.graphs.get(bs)
         if graph is not None:
             graph.replay()
-            hidden = self.hidden[bs]
-        else:
-            lens = tuple(p + 1 for p in positions) + (1,) * (bs - n)
-            with torch.inference_mode():
-                hidden = self._forward(bs, lens)
+            return self.hidden[bs][:n]
+        lens = meta.seq_lens_host + (1,) * (bs - n)
         with torch.inference_mode():
-            return self.model.compute_logits(hidden[:n])
+            return self._forward(bs, lens)[:n]

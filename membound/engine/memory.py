@@ -1,4 +1,9 @@
-"""How many KV blocks fit: the start-up memory arithmetic, logged for the user."""
+"""How many KV blocks fit: the start-up memory arithmetic, logged for the user.
+
+The byte counts (KV per token and block, the budget arithmetic) are the cost model's
+(membound/costs.py), the same `membound plan` uses; this module adds what only the running
+engine knows: free device memory, the measured activation peak, other processes' share.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 
 import torch
 
+from membound import costs
 from membound.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
 from membound.engine.kv_cache import KVCacheSpec
 from membound.errors import ConfigError
@@ -38,7 +44,9 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device, weight_bytes: in
         free, total = torch.cuda.mem_get_info(device)
         # What others hold counts against the budget too: target = utilization x total.
         used_by_others = total - free - torch.cuda.memory_reserved(device)
-        budget = int(config.gpu_memory_utilization * total) - used_by_others - weight_bytes - activation_peak
+        budget = costs.kv_budget_bytes(
+            total, config.gpu_memory_utilization, weight_bytes, used_by_others + activation_peak
+        )
         # Never plan past what is actually free now (another engine in this process, say).
         budget = min(
             budget, free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device) - activation_peak
@@ -55,7 +63,7 @@ def kv_budget_bytes(config: EngineConfig, device: torch.device, weight_bytes: in
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         physical = 4 * DEFAULT_CPU_KV_CACHE_BYTES
-    return min(DEFAULT_CPU_KV_CACHE_BYTES, physical // 4)
+    return costs.cpu_kv_budget_bytes(physical, DEFAULT_CPU_KV_CACHE_BYTES)
 
 
 def plan_memory(
@@ -67,7 +75,7 @@ def plan_memory(
     max_model_len: int,
 ) -> MemoryPlan:
     budget = kv_budget_bytes(config, device, weight_bytes, activation_peak)
-    num_blocks = budget // spec.bytes_per_block
+    num_blocks = costs.kv_blocks(budget, spec.bytes_per_block)
     kv_tokens = num_blocks * spec.block_size
     if kv_tokens < max_model_len:
         raise ConfigError(

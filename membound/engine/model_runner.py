@@ -1,32 +1,25 @@
-"""Runs one scheduled step: builds the flat input batch, runs the model, samples.
+"""Runs one scheduled step: updates the persistent input batch, runs the model, samples.
 
-Host work per step: a few small index tensors go to the device; the sampled ids
-(and logprobs when asked) come back in one non-blocking copy into pinned memory.
-Logits are computed only for the rows that sample, never for every prompt token.
-Pure decode steps replay a CUDA graph when the engine captured them.
+Host work per step: one packed index tensor goes to the device (plus what changed: new
+block-table entries, a new request's settings); the sampled ids go straight into the
+device token pool, and (with logprobs when asked) to the host in one non-blocking copy
+into pinned memory. Logits are computed only for the rows that sample. Pure decode steps
+replay a CUDA graph when the builder captured them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
-from membound.attention.base import AttentionMetadata
 from membound.engine.cuda_graphs import DecodeGraphs
+from membound.engine.input_batch import InputBatch
 from membound.engine.request import Request
 from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, unpack
 from membound.engine.scheduler import SchedulerOutput
-from membound.engine.transfer import to_device
 from membound.model.llama import LlamaForCausalLM
-
-
-@dataclasses.dataclass
-class ModelInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: AttentionMetadata
-    logits_rows: torch.Tensor  # index of the last token of each sampling request
 
 
 class HostCopier:
@@ -71,136 +64,54 @@ class LaunchedStep:
     sched: SchedulerOutput
     sampling: list[Request]  # the requests behind the result's rows, in order
     batch: SamplingBatch | None
-    ids: torch.Tensor | None  # sampled ids on the device [len(sampling)]: the next step's inputs
     pending: tuple[torch.Tensor, torch.cuda.Event | None] | None
+    prepare_s: float = 0.0  # host time building the inputs
+    launch_s: float = 0.0  # forward + sampling: launch time on CUDA, compute time on CPU
 
 
 class ModelRunner:
+    """Scheduler output -> input batch -> forward (eager, or a CUDA-graph replay) -> sampling."""
+
     def __init__(
         self,
         model: LlamaForCausalLM,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        block_size: int,
+        kv_caches: list[tuple[torch.Tensor, ...]],
+        input_batch: InputBatch,
         device: torch.device,
         seed: int,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.block_size = block_size
+        self.input_batch = input_batch
         self.device = device
-        self.vocab_size = model.config.vocab_size
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self.copier = HostCopier(device)
-        self.graphs: DecodeGraphs | None = None  # set by the engine when decode steps are padded/captured
-
-    def prepare(self, sched: SchedulerOutput, prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelInputs:
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        rows: list[int] = []
-        bs = self.block_size
-        for s in sched.scheduled:
-            req = s.request
-            if prev is None:
-                start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-                ids.extend(req.token_ids[start:end])
-            else:  # decoding the token still on its way from the device: filled in below
-                start, end = req.num_tokens, req.num_tokens + 1
-                ids.append(0)
-            positions.extend(range(start, end))
-            blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            seq_lens.append(end)
-            starts.append(starts[-1] + s.num_new_tokens)
-            if prev is not None or s.samples:
-                rows.append(starts[-1] - 1)
-        width = max(len(s.request.block_ids) for s in sched.scheduled)
-        table = [s.request.block_ids + [0] * (width - len(s.request.block_ids)) for s in sched.scheduled]
-
-        def dev(values, dtype=torch.int64):
-            return to_device(values, dtype, self.device)
-
-        meta = AttentionMetadata(
-            slot_mapping=dev(slots),
-            block_tables=dev(table, torch.int32),
-            seq_lens=dev(seq_lens, torch.int32),
-            query_start_loc=dev(starts, torch.int32),
-            num_decodes=sched.num_decodes,
-            seq_lens_host=tuple(seq_lens),
-            query_start_loc_host=tuple(starts),
-        )
-        input_ids = dev(ids)
-        if prev is not None:
-            input_ids.copy_(prev[0][prev[1]])
-        return ModelInputs(input_ids, dev(positions), meta, dev(rows))
+        self.graphs: DecodeGraphs | None = None  # set by the builder when decode steps are padded/captured
 
     @torch.inference_mode()
-    def forward_logits(self, inputs: ModelInputs) -> torch.Tensor:
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        return self.model.compute_logits(hidden[inputs.logits_rows])
-
-    def _graph_decode(
-        self, sched: SchedulerOutput, prev: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor | None:
-        """Logits of a pure decode step through the static (and, on CUDA, captured) decode path."""
-        g = self.graphs
-        if g is None or sched.num_decodes != len(sched.scheduled) or len(sched.scheduled) > g.max_batch:
-            return None
-        bs = self.block_size
-        ids, positions, slots, tables = [], [], [], []
-        for s in sched.scheduled:
-            req = s.request
-            p = req.num_computed_tokens if prev is None else req.num_tokens
-            ids.append(0 if prev is not None else req.token_ids[p])
-            positions.append(p)
-            slots.append(req.block_ids[p // bs] * bs + p % bs)
-            tables.append(req.block_ids)
-        return g.run(ids, positions, slots, tables, prev)
-
-    @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, prev: tuple[torch.Tensor, torch.Tensor] | None = None) -> LaunchedStep:
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         """Queue the step's forward pass and sampling on the device, and the copy of the result.
-
-        prev: for a step scheduled before the previous one's tokens reached the host, (the
-        previous step's sampled ids on the device, which of its rows each sequence takes); every
-        sequence then decodes the token it sampled last, at position num_tokens.
-        """
-        if prev is None:
-            sampling = [s.request for s in sched.scheduled if s.samples]
+        Never waits for the device: the step may be launched while the previous one runs."""
+        t0 = time.perf_counter()
+        inputs, batch, sampling = self.input_batch.prepare(sched)
+        t1 = time.perf_counter()
+        g = self.graphs
+        meta = inputs.meta
+        if batch is None:
+            self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+            return LaunchedStep(sched, [], None, None, t1 - t0, time.perf_counter() - t1)
+        if g is not None and meta.num_decodes == meta.num_seqs == len(sampling) and len(sampling) <= g.max_batch:
+            hidden = g.run(inputs)  # every row samples: no row selection
         else:
-            sampling = [s.request for s in sched.scheduled]
-            if sched.num_decodes != len(sampling):
-                raise ValueError("a step built on the previous step's device ids must be all decodes")
-        all_sample = bool(sampling) and len(sampling) == len(sched.scheduled)
-        logits = self._graph_decode(sched, prev) if all_sample else None
-        if logits is None:
-            inputs = self.prepare(sched, prev)
-            if not sampling:
-                self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-                return LaunchedStep(sched, [], None, None, None)
-            logits = self.forward_logits(inputs)
-        pending = 0 if prev is None else 1  # the previous step's token is not in token_ids yet
-        batch = SamplingBatch.build(
-            [r.params for r in sampling],
-            [r.generator for r in sampling],
-            [r.token_ids for r in sampling],
-            [len(r.prompt_token_ids) for r in sampling],
-            self.vocab_size,
-            self.device,
-            [r.banned_token_ids(pending) for r in sampling],
-        )
-        result = sample_on_device(logits, batch, self.generator)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)[inputs.logits_rows]
+        result = sample_on_device(self.model.compute_logits(hidden), batch, self.generator)
         ids = result if result.dim() == 1 else result[:, 0].long()
-        return LaunchedStep(sched, sampling, batch, ids, self.copier.start(result))
+        self.input_batch.write_tokens(inputs.sample_slots, ids)
+        pending = self.copier.start(result)
+        return LaunchedStep(sched, sampling, batch, pending, t1 - t0, time.perf_counter() - t1)
 
     def fetch(self, step: LaunchedStep) -> SamplerOutput | None:
         """Wait for the step's result on the host."""
         if step.pending is None:
             return None
         return unpack(self.copier.wait(step.pending), step.batch)
-
-    def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
-        """Run the step and wait for it; sample for every request that finished its pending tokens."""
-        return self.fetch(self.launch(sched))

@@ -1,4 +1,8 @@
-"""A request's life inside the engine: its tokens, its KV blocks, its output so far."""
+"""A request's state inside the engine: its tokens, its KV blocks, its output so far.
+
+State only: the scheduler moves it through its life, the input batch gives it a slot, the
+output processor appends tokens, detokenizes and decides when it stops.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ class Request:
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.token_ids = list(prompt_token_ids)  # prompt + output, what the KV cache holds
-        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache or written by a launched step
+        self.num_pending = 0  # tokens sampled by launched steps, not yet appended
+        self.slot: int | None = None  # row of the persistent input batch while running
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained content hashes of full blocks of token_ids
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
@@ -49,10 +55,11 @@ class Request:
         self.generator = generator  # per-request RNG when a seed is given
         self.text = ""
         self.emitted_chars = 0  # how much of `text` step outputs have shown
-        self.emitted_tokens = 0
+        self.emitted_tokens = 0  # how many output tokens step outputs have shown
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why it ended, when finish_reason is "error"
         self.num_preemptions = 0
 
     @property
@@ -78,24 +85,6 @@ class Request:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def append_token(self, token_id: int, logprob: TokenLogprob | None) -> None:
-        """Record a sampled token, then decide whether the request is done."""
-        self.token_ids.append(token_id)
-        if self.logprobs is not None and logprob is not None:
-            self.logprobs.append(logprob)
-        n = self.num_output_tokens
-        # The sampler bans EOS and stop tokens until min_tokens, so these only fire past it.
-        if token_id in self.eos_token_ids or token_id in self.params.stop_token_ids:
-            self.finish("stop", token_id)  # the stop token's text is not part of the output
-            return
-        prev_len = len(self.text)
-        if self.detokenizer is not None:
-            self.text += self.detokenizer.step(token_id)
-        if self.params.stop and n >= self.params.min_tokens and self._check_stop_strings(prev_len):
-            return
-        if n >= self.max_output:
-            self.finish("length")
-
     def banned_token_ids(self, pending: int = 0) -> list[int]:
         """Tokens the sampler must not pick now: EOS and stop tokens until min_tokens is reached.
         pending: sampled tokens not yet appended (a step scheduled ahead of its inputs)."""
@@ -103,26 +92,7 @@ class Request:
             return []
         return [*self.eos_token_ids, *self.params.stop_token_ids]
 
-    def _check_stop_strings(self, prev_len: int) -> bool:
-        # Only a match that ends inside this token's text is new.
-        longest = max(len(s) for s in self.params.stop)
-        start = max(0, prev_len - longest + 1)
-        hits = [(idx, s) for s in self.params.stop if (idx := self.text.find(s, start)) != -1]
-        if not hits:
-            return False
-        idx, s = min(hits)  # the earliest match wins, whichever stop string it is
-        self.text = self.text[:idx]
-        self.finish("stop", s)
-        return True
-
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
-
-    def stream_text_limit(self) -> int:
-        """How much of `text` can be shown now: hold back a tail that might begin a stop string."""
-        if self.is_finished or not self.params.stop:
-            return len(self.text)
-        hold = max(len(s) for s in self.params.stop) - 1
-        return max(self.emitted_chars, len(self.text) - hold)

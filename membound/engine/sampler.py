@@ -30,7 +30,7 @@ class SamplingBatch:
     all_greedy: bool
     needs_truncation: bool
     max_logprobs: int | None  # None: no row asked for logprobs
-    penalties: Penalties | None
+    penalties: Penalties | None  # or any object with apply(logits) and record(ids)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) forced to -inf
 
     @classmethod
@@ -112,6 +112,9 @@ class Penalties:
         logits = logits - self.frequency * self.output_counts
         return logits - self.presence * (self.output_counts > 0).float()
 
+    def record(self, ids: torch.Tensor) -> None:
+        """Built from the token lists each step: nothing to carry over."""
+
 
 @dataclasses.dataclass
 class SamplerOutput:
@@ -164,6 +167,8 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
         drawn = (probs / noise).argmax(dim=-1)
         ids = torch.where(batch.temperature > 0, drawn, greedy_ids)
 
+    if batch.penalties is not None:
+        batch.penalties.record(ids)  # counts kept on the device see this token at the next step
     if raw_logprobs is None:
         return ids
     chosen = raw_logprobs.gather(1, ids[:, None])[:, 0]

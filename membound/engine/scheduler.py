@@ -7,6 +7,12 @@ waiting queue, each prompt cut into chunks that fit what is left of the budget.
 When the KV pool runs out, the most recently arrived running request is preempted:
 its blocks are freed and it goes back to the front of the queue to be recomputed
 later. Requests join and leave the batch at every step.
+
+A step may be scheduled before the previous one's tokens reach the host (async scheduling):
+a request's length is then `num_tokens + num_pending`, the sampled-but-unseen tokens, and
+`num_computed_tokens` counts KV that launched steps write (it advances when a step is
+scheduled, not when it finishes). The scheduler never needs a token's value, only how many
+there are; a request the unseen token finishes costs one wasted row.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from membound.engine.kv_cache import BlockAllocator, blocks_needed
+from membound.engine.block_pool import BlockPool
+from membound.engine.kv_cache import blocks_needed
 from membound.engine.request import Request, Status
 
 
@@ -25,18 +32,23 @@ class SchedulerConfig:
     block_size: int
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
+    # While sequences decode, a prompt takes at most this many tokens per step, so their
+    # inter-token latency stays steady (0: no cap beyond the step budget).
+    long_prefill_token_threshold: int = 0
     cache_salt: bytes = b""  # mixed into block hashes: whatever else changes the KV (model, LoRA)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    start: int  # the first position this step computes
+    samples: bool  # the step computes the request's last token, so it samples the next one
+    epoch: int  # the request's preemption count when scheduled: a preempted step commits nothing
 
     @property
-    def samples(self) -> bool:
-        """True when this step computes the request's last pending token, so it gets logits."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +63,7 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, allocator: BlockPool) -> None:
         self.config = config
         self.allocator = allocator
         self.waiting: collections.deque[Request] = collections.deque()
@@ -62,6 +74,14 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -80,13 +100,24 @@ class Scheduler:
         preempted: list[Request] = []
 
         # Decodes first, then prompts already part-way through prefill.
-        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
-        for req in order:
+        decodes, partial = [], []
+        for req in self.running:
+            left = req.num_tokens + req.num_pending - req.num_computed_tokens
+            if left == 1:
+                decodes.append(req)
+            elif left > 1:
+                partial.append(req)
+            # left == 0: its last token is on its way (a step in flight finishes it)
+        # A prompt beside decodes is fed in bounded chunks: it must not stretch their step.
+        cap = self.config.long_prefill_token_threshold if decodes and self.config.enable_chunked_prefill else 0
+        cap = cap if cap > 0 else budget
+        for req in decodes + partial if partial else decodes:
             if budget == 0:
                 break
             if req.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens + req.num_pending - req.num_computed_tokens
+            n = min(left, budget, cap)
             if n > 1:
                 # A prompt mid-prefill takes the chunk that fits rather than evicting anyone.
                 fits = (len(req.block_ids) + self.allocator.num_free) * self.config.block_size
@@ -98,17 +129,19 @@ class Scheduler:
                 if victim is req:
                     break
             if req.status is Status.RUNNING:
-                scheduled[req.request_id] = ScheduledRequest(req, n)
+                scheduled[req.request_id] = self._scheduled(req, n)
                 budget -= n
 
         # New requests, unless memory was just short (they would only be preempted again).
         bs = self.config.block_size
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted with a token still on its way: recompute once it has arrived
             hits = self._cached_prefix(req)
             computed = len(hits) * bs
             remaining = req.num_tokens - computed
-            n = min(remaining, budget)
+            n = min(remaining, budget, cap)
             # Without chunked prefill a prompt goes in whole; a preempted request's recompute
             # (prompt + output so far) may exceed the budget, so it is chunked regardless.
             if n < remaining and not self.config.enable_chunked_prefill and not req.num_preemptions:
@@ -126,31 +159,39 @@ class Scheduler:
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
-            scheduled[req.request_id] = ScheduledRequest(req, n)
+            scheduled[req.request_id] = self._scheduled(req, n)
             budget -= n
 
-        items = sorted(scheduled.values(), key=lambda s: s.num_new_tokens > 1)
+        items = list(scheduled.values())
+        if any(s.num_new_tokens > 1 for s in items):
+            items.sort(key=lambda s: s.num_new_tokens > 1)
         num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
         return SchedulerOutput(items, num_decodes, preempted)
 
+    def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
+        start = req.num_computed_tokens
+        req.num_computed_tokens = start + n
+        samples = req.num_computed_tokens == req.num_tokens + req.num_pending
+        if samples:
+            req.num_pending += 1
+        return ScheduledRequest(req, n, start, samples, req.num_preemptions)
+
     def commit(self, sched: SchedulerOutput) -> None:
-        """After the model ran: advance each request and offer its newly full blocks to the cache."""
+        """A step has run and its tokens are appended: offer the blocks it filled to the prefix cache."""
+        if not self.config.enable_prefix_caching:
+            return
         bs = self.config.block_size
         for s in sched.scheduled:
             req = s.request
-            req.num_computed_tokens += s.num_new_tokens
-            if not self.config.enable_prefix_caching:
-                continue
-            full = req.num_computed_tokens // bs
+            if req.status is not Status.RUNNING or s.epoch != req.num_preemptions:
+                continue  # finished, aborted or preempted since: its blocks are gone
+            # Only blocks whose tokens are all known and whose KV this step (or an earlier one) wrote.
+            full = min(s.end, req.num_tokens) // bs
             if full > req.num_cached_blocks:
                 hashes = req.full_block_hashes(bs, self.config.cache_salt)
                 for i in range(req.num_cached_blocks, full):
                     self.allocator.register(req.block_ids[i], hashes[i])
                 req.num_cached_blocks = full
-
-    def reserve(self, req: Request, num_tokens: int) -> bool:
-        """Blocks for `num_tokens` tokens of a running request, without preempting; False if short."""
-        return self._grow(req, num_tokens)
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the longest cached prefix, leaving at least one token to compute."""

@@ -151,7 +151,7 @@ def _local_device_spec(cpu: bool = False):
     c = measure("cpu", quick=True)
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return GPUSpec(
-        f"CPU (measured, {os.cpu_count()} cores)", ram / 2**30, c.copy_bandwidth_gbs, c.matmul_tflops, None, 0
+        f"CPU (measured, {os.cpu_count()} cores)", ram / 2**30, c.copy_bandwidth_gbs, c.matmul_tflops, None, 0, cpu=True
     )
 
 
@@ -170,6 +170,8 @@ def cmd_plan(a: argparse.Namespace) -> int:
         kv_dtype=a.kv_dtype,
         gpu_memory_utilization=a.gpu_memory_utilization,
         overhead_bytes=int(a.overhead_gib * 2**30),
+        kv_cache_memory_bytes=None if a.kv_cache_memory is None else a.kv_cache_memory << 20,
+        block_size=a.block_size,
     )
     print(json.dumps(plan.to_dict(), indent=2) if a.json else render(plan, shape))
     return 0
@@ -352,7 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="bf16, fp16, fp8, int8, int4 or a GGUF type (Q8_0, Q4_K, ...); default: as stored",
     )
-    pl.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8 or int8")
+    pl.add_argument(
+        "--kv-dtype", default="auto", help="auto (as the engine: fp32 on a CPU, else bf16), fp32, bf16, fp16, fp8, int8"
+    )
+    pl.add_argument(
+        "--kv-cache-memory",
+        type=int,
+        default=None,
+        help="KV cache budget in MiB, as `serve --kv-cache-memory` (default: what the engine would take)",
+    )
+    pl.add_argument("--block-size", type=int, default=16, help="tokens per KV block, as the engine's block_size")
     pl.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     pl.add_argument("--overhead-gib", type=float, default=1.0, help="CUDA context, activations, graphs (default 1)")
     pl.add_argument("--json", action="store_true")

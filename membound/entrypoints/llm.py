@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
 from membound.errors import InvalidRequestError
 from membound.outputs import RequestOutput
-from membound.sampling_params import SamplingParams
+from membound.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]
 
@@ -78,6 +79,8 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 rid = f"llm-{next(self._ids)}"
+                if isinstance(p, SamplingParams) and p.output_kind is not RequestOutputKind.FINAL_ONLY:
+                    p = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)  # no per-step outputs
                 self.engine.add_request(rid, prompt, p)
                 ids.append(rid)
         except Exception:

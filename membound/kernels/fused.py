@@ -2,27 +2,17 @@
 
 Each saves round trips through memory that the unfused PyTorch ops make (the add writes a
 tensor the norm reads back; gate and up are read, `silu(gate)` written and read again; the
-rotated K is written then copied into the cache). The `*_ref` functions are the PyTorch
-references they are tested against, with the same rounding points as the model's code.
+rotated K is written then copied into the cache). The PyTorch implementations they are tested
+against, with the same rounding points, are membound.layers' (norm, activation, rotary).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 # ---------------------------------------------------------------------- residual add + RMSNorm
-
-
-def add_rmsnorm_ref(
-    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normed, new residual): residual = x + residual in x's dtype, then RMSNorm in fp32."""
-    h = x if residual is None else x + residual
-    hf = h.float()
-    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype), h
 
 
 @triton.jit
@@ -61,11 +51,6 @@ def add_rmsnorm(
 # ---------------------------------------------------------------------- SiLU and mul
 
 
-def silu_and_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
 @triton.jit
 def _silu_and_mul_kernel(gu_ptr, out_ptr, n, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # rows x 2 x intermediate passes 2^31 at ~75K tokens (8B)
@@ -89,19 +74,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- RoPE + KV-cache write
-
-
-def rope_write_kv_ref(
-    q, k, v, cos_table, sin_table, positions, k_cache, v_cache, slot_mapping, kv_scales=None
-) -> torch.Tensor:
-    """Rotate q and k (neox halves) at `positions`, write k and v to their cache slots; return rotated q."""
-    from membound.attention.torch_paged import write_kv
-    from membound.model.llama import apply_rope
-
-    cos = cos_table[positions][:, None, :].to(q.dtype)
-    sin = sin_table[positions][:, None, :].to(q.dtype)
-    write_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping, kv_scales)
-    return apply_rope(q, cos, sin)
 
 
 # Positions and slots are read one scalar per program; in the CUDA-graph buffers they are rows of one

@@ -6,17 +6,18 @@ import dataclasses
 import json
 import logging
 import pathlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from membound.attention.base import AttentionBackend
-from membound.errors import ModelLoadError
+from membound.errors import ConfigError, ModelLoadError
 from membound.model.config import ModelConfig, rope_inv_freq
 from membound.model.llama import LlamaForCausalLM, RotaryEmbedding
 from membound.model.registry import PRESETS, default_model_path, get_preset
+from membound.quant.linear import linear_weight_bytes, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +161,19 @@ class GGUFFile:
         t = self.tensors.get("rope_freqs.weight")
         return None if t is None else torch.from_numpy(np.array(t.data, dtype=np.float32))
 
-    def weights(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """HF-named fp32 tensors, dequantized, with q/k un-permuted for llama."""
+    def weights(self, config: ModelConfig, skip: Set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF-named fp32 tensors, dequantized, with q/k un-permuted for llama; the GGUF tensors named
+        in `skip` (those already held packed) are neither read nor dequantized."""
         from gguf.quants import dequantize
 
         for t in tqdm(self.reader.tensors, desc="loading GGUF", unit="tensor", leave=False):
             name = self._hf_name(t.name)
-            if name is None:
+            if name is None or t.name in skip:
                 continue
-            arr = dequantize(t.data, t.tensor_type)
-            w = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the file is mapped read-only
+            arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            # F32 tensors come back as the file's read-only map: copy those only (a quantized
+            # type's result is already a fresh array, and a second copy of a big table costs RSS).
+            w = torch.from_numpy(arr if arr.flags.writeable else np.array(arr))
             if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_heads if "q_proj" in name else config.num_kv_heads
                 w = _unpermute_rope(w, heads)
@@ -208,7 +212,8 @@ class LoadedModel:
     model: LlamaForCausalLM
     config: ModelConfig
     source: ModelSource
-    weight_bytes: int
+    weight_bytes: int  # bytes of weights one decode step reads (quantized layers as stored)
+    quantization: str = "none"  # what "auto" resolved to
 
 
 def open_gguf(source: ModelSource) -> GGUFFile | None:
@@ -223,6 +228,17 @@ def load_config(source: ModelSource, gguf: GGUFFile | None = None) -> ModelConfi
     return hf_config(source.path)
 
 
+def resolve_quantization(quantization: str | None, source: ModelSource, gguf: GGUFFile | None) -> str:
+    """What "auto" means: a GGUF file runs on its own blocks ("gguf"), anything else at the run dtype."""
+    is_gguf = gguf is not None and source.kind == "gguf"
+    quantization = quantization or "none"
+    if quantization == "auto":
+        return "gguf" if is_gguf else "none"
+    if quantization == "gguf" and not is_gguf:
+        raise ConfigError("quantization='gguf' keeps a GGUF file's blocks packed; the model is no GGUF file")
+    return quantization
+
+
 def load_model(
     source: ModelSource,
     backend: AttentionBackend,
@@ -231,28 +247,97 @@ def load_model(
     max_positions: int,
     seed: int = 0,
     gguf: GGUFFile | None = None,
+    quantization: str | None = "none",
 ) -> LoadedModel:
-    """Build the model on `device` in `dtype`; pass `gguf` if the file is already open."""
+    """Build the model on `device` in `dtype`, quantized as `quantization` (EngineConfig's values)
+    asks; pass `gguf` if the file is already open.
+
+    Packed first: the model is built on the meta device, the layers that keep a GGUF's own blocks
+    ("gguf"; "int4" on CPU for Q4_0/Q4_1 matrices) are made straight from the memory-mapped blocks,
+    and only then does the rest get memory and its (dequantized) tensors. So a packed matrix never
+    exists at full precision, not even while loading (tests/test_packed_loading.py).
+    """
     gguf = gguf or open_gguf(source)
     config = load_config(source, gguf)
+    quantization = resolve_quantization(quantization, source, gguf)
     freq_factors = gguf.rope_freq_factors() if gguf and source.kind != "dummy" else None
     with torch.device("meta"):
         # Rope tables are computed for real just below; meta needs none of the factors.
         model = LlamaForCausalLM(config, backend, max_positions).to(dtype)
-    model.to_empty(device=device)
     # Buffers were created on meta: compute the rope tables on the real device.
     with torch.device(device):
         fresh = RotaryEmbedding(rope_inv_freq(config, freq_factors), max_positions)
     model.rope.cos, model.rope.sin = fresh.cos, fresh.sin
     if source.kind == "dummy":
+        # Random weights everywhere first, then any blocks from the file: the seeded draws stay as they were.
+        _materialise(model, device)
         _random_init(model, seed)
-    elif gguf is not None:
-        model.load_weights(gguf.weights(config))
+        counts, from_blocks = _pack_from_file(model, gguf, quantization, device)
     else:
-        model.load_weights(_progress(hf_weights(source.path), source.path))
+        counts, from_blocks = _pack_from_file(model, gguf, quantization, device)
+        _materialise(model, device)  # only what has no packed form
+        if gguf is not None:
+            from membound.quant.gguf_blocks import packed_tensors
+
+            model.load_weights(gguf.weights(config, skip=packed_tensors(model)))
+        else:
+            model.load_weights(_progress(hf_weights(source.path), source.path))
+    rtn = 0
+    if quantization not in ("none", "gguf"):
+        # What the file's own blocks use, for any matrix stored otherwise.
+        group = 32 if gguf is not None and gguf.layer_quant_types() & {"Q4_0", "Q4_1"} else 128
+        rtn = quantize_model(model, quantization, group)
     model.eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return LoadedModel(model, config, source, weight_bytes)
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # a module the loader does not know how to fill: fail here, not at the first step
+        raise ModelLoadError(f"{len(left)} tensors were never loaded, e.g. {left[0]}")
+    weight_bytes = linear_weight_bytes(model)[0]
+    if quantization == "gguf":
+        dequantized = counts.pop("dequantized", 0)
+        log.info(
+            "gguf: kept packed %s; %d quantized tensors dequantized instead; %.1f MB of weights",
+            ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) or "nothing",
+            dequantized,
+            weight_bytes / 1e6,
+        )
+    elif quantization != "none":
+        log.info(
+            "%s: %d linear layers from the GGUF's own 4-bit blocks, %d quantized by round-to-nearest",
+            quantization,
+            from_blocks,
+            rtn,
+        )
+    return LoadedModel(model, config, source, weight_bytes, quantization)
+
+
+def _pack_from_file(
+    model: LlamaForCausalLM, gguf: GGUFFile | None, quantization: str, device: torch.device
+) -> tuple[dict[str, int], int]:
+    """Swap in the layers that hold the file's blocks while `model` is still on meta; returns
+    load_gguf_packed's counts and how many matrices load_int4_from_gguf made."""
+    if quantization == "gguf":
+        from membound.quant.gguf_blocks import load_gguf_packed
+
+        return load_gguf_packed(model, gguf, device), 0
+    # The CPU int4 kernel takes Q4_0/Q4_1 blocks as they are (elsewhere int4 is round-to-nearest).
+    if quantization == "int4" and device.type == "cpu" and gguf is not None:
+        if gguf.layer_quant_types() & {"Q4_0", "Q4_1"}:
+            from membound.quant.gguf_blocks import load_int4_from_gguf
+
+            return {}, load_int4_from_gguf(model, gguf)
+    return {}, 0
+
+
+def _materialise(model: torch.nn.Module, device: torch.device) -> None:
+    """Uninitialised storage on `device` for every parameter and buffer still on meta, leaving the
+    packed layers alone (`to_empty` would replace their contents too)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(module, name, torch.nn.Parameter(torch.empty_like(p, device=device), p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b.is_meta:
+                setattr(module, name, torch.empty_like(b, device=device))
 
 
 def _random_init(model: LlamaForCausalLM, seed: int) -> None:

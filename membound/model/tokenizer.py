@@ -135,7 +135,17 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> None:
         self._tok = tokenizer.backend
+        self._skip = skip_special_tokens
         self._stream = DecodeStream(ids=list(prompt_ids[-8:]), skip_special_tokens=skip_special_tokens)
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tok, token_id) or ""
+        try:
+            return self._stream.step(self._tok, token_id) or ""
+        except Exception as e:
+            # Some sampled sequences leave DecodeStream's internal prefix invalid (tokenizers
+            # issue 1763); a fresh stream from this token on loses at most a spacing nuance.
+            if "Invalid prefix" not in str(e):
+                raise
+            log.warning("detokenizer: %s; restarting the decode stream", e)
+            self._stream = DecodeStream(skip_special_tokens=self._skip)
+            return self._stream.step(self._tok, token_id) or ""

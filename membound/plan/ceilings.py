@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from membound import costs
+
 
 @dataclasses.dataclass(frozen=True)
 class Ceilings:
@@ -47,13 +49,13 @@ def measure(device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     bufs = [torch.empty(n_bytes // 4, dtype=torch.float32, device=dev).uniform_()]
     bufs.append(torch.empty_like(bufs[0]))
     t = _best_time(lambda: bufs[1].copy_(bufs[0]), dev, 5 if gpu else 3)
-    bandwidth = 2 * n_bytes / t / 1e9
+    bandwidth = 2 * n_bytes / t / costs.GB  # a copy reads and writes every byte
     bufs.clear()
     n = (8192 if gpu else 1024) // (2 if quick else 1)
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
     t = _best_time(lambda: a @ b, dev, 5 if gpu else 3)
-    tflops = 2 * n**3 / t / 1e12
+    tflops = costs.matmul_flops(n, n, n) / t / 1e12
     latency = None
     if gpu:
         x = torch.zeros(1, device=dev)

@@ -13,9 +13,10 @@ import time
 
 import torch
 
+from membound import costs
 from membound.plan.ceilings import Ceilings, measure
 from membound.plan.gpus import GPUSpec, match_device_name
-from membound.plan.planner import ModelShape, load_shape, shape_weight_bytes
+from membound.plan.planner import ModelShape, load_shape
 
 OK, WARN, FAIL, INFO = "OK", "WARN", "FAIL", "INFO"
 _RANK = {INFO: 0, OK: 0, WARN: 1, FAIL: 2}
@@ -37,6 +38,7 @@ class Check:
     status: str
     detail: str
     fix: str = ""
+    data: dict | None = None  # the numbers behind the detail, for --json
 
 
 @dataclasses.dataclass
@@ -152,9 +154,11 @@ def judge_gpu(r: GPUReadings, busy: bool = False) -> list[Check]:
     return out
 
 
-def judge_fit(shape: ModelShape, memory_free: int, context: int, kv_dtype_bytes: int, overhead: int) -> Check:
+def judge_fit(shape: ModelShape, memory_free: int, context: int, kv_dtype: str, overhead: int) -> Check:
     """Does the model plus one `context`-long sequence of KV fit in the free memory, with no offload?"""
-    need = shape.weights.stored + context * shape.config.kv_bytes_per_token * kv_dtype_bytes + overhead
+    c = shape.config
+    kv = costs.KVCost(c.num_layers, c.num_kv_heads, c.head_dim, kv_dtype)
+    need = shape.weights.stored + context * kv.bytes_per_token + overhead
     if need <= memory_free:
         return Check(
             "model fits",
@@ -246,8 +250,27 @@ def read_gpu(index: int = 0) -> GPUReadings:
     return r
 
 
+def decode_bound(name: str, bytes_per_token: int, bandwidth_gbs: float, what: str) -> tuple[Check, float]:
+    """The batch-1 decode bound: the weight bytes one step streams over the measured bandwidth."""
+    bound = costs.decode_bound_tok_s(bytes_per_token, bandwidth_gbs * costs.GB)
+    check = Check(
+        "decode bound",
+        INFO,
+        f"{name} {what} streams {bytes_per_token / 1e6:,.1f} MB of weights per token: at most {bound:,.1f} tok/s "
+        f"at batch 1 ({bandwidth_gbs:,.1f} GB/s)",
+        data={"weight_bytes_per_token": bytes_per_token, "bandwidth_gbs": bandwidth_gbs, "bound_tok_s": bound},
+    )
+    return check, bound
+
+
+def engine_weight_bytes_per_step(engine) -> int:
+    """Weight bytes one decode step of a loaded engine streams, quantized layers as stored (costs.py)."""
+    return costs.loaded_weight_bytes(engine.model, engine.model_config.tie_word_embeddings).per_step
+
+
 def measure_decode(model: str | None, device: str, new_tokens: int = 48) -> tuple[float, int]:
-    """Batch-1 greedy decode tok/s on the real engine, and the weight bytes it streams per step."""
+    """Batch-1 greedy decode tok/s on the real engine (as it runs by default: a GGUF's blocks
+    packed), and the weight bytes it streams per step."""
     from membound import LLM, SamplingParams
 
     llm = LLM(model, device=device, max_model_len=512, kv_cache_memory_bytes=64 << 20)
@@ -259,10 +282,7 @@ def measure_decode(model: str | None, device: str, new_tokens: int = 48) -> tupl
     total = time.perf_counter() - t0
     ttft = out.metrics.time_to_first_token or 0.0
     rate = (new_tokens - 1) / max(1e-9, total - ttft)
-    nbytes = sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters() if "embed" not in n)
-    if llm.engine.model_config.tie_word_embeddings:
-        nbytes += llm.engine.model_config.vocab_size * llm.engine.model_config.hidden_size * llm.engine.dtype.itemsize
-    return rate, nbytes
+    return rate, engine_weight_bytes_per_step(llm.engine)
 
 
 # ---------------------------------------------------------------------- the tree
@@ -303,17 +323,13 @@ def _cpu_checks(model: str | None, decode: bool) -> list[Check]:
     out.append(Check("CPU memory bandwidth", INFO, f"{ceil.copy_bandwidth_gbs:.1f} GB/s measured (copy)"))
     out.append(Check("CPU matmul rate", INFO, f"{ceil.matmul_tflops * 1000:.0f} GFLOPS fp32 measured"))
     shape = load_shape(model)
-    per_step = shape_weight_bytes(shape.config, "fp32").per_step  # the CPU path runs fp32
-    bound = ceil.copy_bandwidth_gbs * 1e9 / per_step
-    out.append(
-        Check(
-            "CPU decode bound",
-            INFO,
-            f"{shape.name} at fp32 streams {per_step / 1e6:,.0f} MB per token: at most {bound:,.1f} tok/s at batch 1",
-        )
-    )
     if decode:
-        rate, _ = measure_decode(model, "cpu")
+        rate, per_step = measure_decode(model, "cpu")
+        check, bound = decode_bound(shape.name, per_step, ceil.copy_bandwidth_gbs, "as loaded")
+    else:  # no engine: the weights as the file stores them
+        check, bound = decode_bound(shape.name, shape.weights.per_step, ceil.copy_bandwidth_gbs, "as stored")
+    out.append(dataclasses.replace(check, name="CPU decode bound"))
+    if decode:
         out.append(
             judge_measured(
                 "decode (batch 1)", rate, bound, "tok/s", 0.25,
@@ -329,7 +345,7 @@ def _gpu_checks(model: str | None, context: int, decode: bool) -> list[Check]:
     out = [Check("GPU", OK, f"{r.name}, {_gib(r.memory_total)}" + ("" if spec else " (not in membound's table)"))]
     out += judge_gpu(r)
     shape = load_shape(model)
-    out.append(judge_fit(shape, r.memory_total - r.memory_used, context, 2, 1 << 30))
+    out.append(judge_fit(shape, r.memory_total - r.memory_used, context, "bf16", 1 << 30))
     ceil: Ceilings = measure("cuda")
     if spec is not None:
         out.append(
@@ -350,7 +366,8 @@ def _gpu_checks(model: str | None, context: int, decode: bool) -> list[Check]:
         )  # fmt: skip
     if decode:
         rate, nbytes = measure_decode(model, "cuda")
-        bound = ceil.copy_bandwidth_gbs * 1e9 / nbytes
+        check, bound = decode_bound(shape.name, nbytes, ceil.copy_bandwidth_gbs, "as loaded")
+        out.append(check)
         out.append(
             judge_measured(
                 "decode (batch 1)", rate, bound, "tok/s", 0.5,
@@ -358,6 +375,8 @@ def _gpu_checks(model: str | None, context: int, decode: bool) -> list[Check]:
                 "(see `membound bench walls`)",
             )
         )  # fmt: skip
+    else:
+        out.append(decode_bound(shape.name, shape.weights.per_step, ceil.copy_bandwidth_gbs, "as stored")[0])
     return out
 
 

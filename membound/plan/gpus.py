@@ -22,6 +22,7 @@ class GPUSpec:
     bf16_tflops: float  # dense
     fp8_tflops: float | None  # dense; None = no FP8 tensor cores
     l2_mib: float
+    cpu: bool = False  # the host itself (memory is RAM): the engine's CPU KV budget rule applies
 
     @property
     def memory_bytes(self) -> int:

@@ -55,7 +55,7 @@ import logging
 import numpy as np
 import torch
 
-from membound.quant.linear import Int4Linear, Int8Embedding, Int8Linear
+from membound.quant.linear import Int4Linear, Int8Embedding, Int8Linear, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -279,13 +279,16 @@ def _build(parts: list[Groups], bias: torch.Tensor | None, device: torch.device)
     return Int8Linear(q, s, zero, group, bias)
 
 
-def load_gguf_packed(model, gguf) -> dict[str, int]:
-    """Swap the dequantized matrices of `model` (just loaded from `gguf`) for layers holding the
-    file's own blocks: every decoder matrix, the token embedding and the LM head, as the module
-    docstring maps them. Returns {GGUF type: tensors kept packed, "dequantized": quantized tensors
-    left dequantized (an unsupported type, or a fused matrix whose parts map to different formats)}."""
+def load_gguf_packed(model, gguf, device: torch.device | None = None) -> dict[str, int]:
+    """Swap the matrices of `model` for layers holding the file's own blocks, on `device` (default:
+    the model's): every decoder matrix, the token embedding and the LM head, as the module
+    docstring maps them. `model` may be on the meta device (the loader builds it there, so no
+    dequantized copy is ever made); a packed layer's bias is then the meta module's, which the
+    loader fills from the file with the rest. Returns {GGUF type: tensors kept packed,
+    "dequantized": quantized tensors left dequantized (an unsupported type, or a fused matrix
+    whose parts map to different formats)}."""
     cfg = model.config
-    device = model.norm.weight.device
+    device = model.norm.weight.device if device is None else device
     counts: dict[str, int] = {}
 
     def kept(types):
@@ -341,7 +344,8 @@ def _int4_as_int8(g: Groups) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor |
 
 def load_int4_from_gguf(model, gguf) -> int:
     """Replace every decoder matrix whose GGUF tensors are all Q4_0/Q4_1 by an Int4Linear built from
-    the blocks themselves; returns how many were replaced (others are left for the caller)."""
+    the blocks themselves, on the CPU; returns how many were replaced (others are left for the
+    caller). `model` may be on the meta device, as for load_gguf_packed."""
     cfg = model.config
     count = 0
     for i, layer in enumerate(model.layers):
@@ -355,3 +359,18 @@ def load_int4_from_gguf(model, gguf) -> int:
             setattr(getattr(layer, owner), attr, _build(parts, bias, torch.device("cpu")))
             count += 1
     return count
+
+
+def packed_tensors(model) -> set[str]:
+    """Names of the GGUF weight tensors that `model` already holds as packed layers (after
+    load_gguf_packed / load_int4_from_gguf): the loader must neither dequantize nor copy them."""
+    names = set()
+    for i, layer in enumerate(model.layers):
+        for (owner, attr), parts in _LAYER_PARTS:
+            if isinstance(getattr(getattr(layer, owner), attr), QuantLinear):
+                names.update(f"blk.{i}.{n}.weight" for n in parts)
+    if isinstance(model.embed_tokens, QuantLinear):
+        names.add("token_embd.weight")
+    if isinstance(model.lm_head, QuantLinear):
+        names.add("output.weight")
+    return names

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import membound
 from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
-from membound.errors import ConfigError, EngineDeadError, InvalidRequestError, QueueFullError
+from membound.errors import ConfigError, EngineDeadError, InvalidRequestError, QueueFullError, RequestFailedError
 from membound.server.async_engine import AsyncEngine, EngineState, OutputStream
 from membound.server.metrics import ServerMetrics
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
@@ -112,7 +112,7 @@ def build_app(
 
     def context() -> ServingContext:
         if engine.state is not EngineState.READY:
-            raise EngineDeadError(engine._unavailable_message())
+            raise EngineDeadError(engine.unavailable_message())
         e = engine.engine
         return ServingContext(engine, e.tokenizer, model_names, e.max_model_len, e.config.max_num_seqs)
 
@@ -136,6 +136,10 @@ def build_app(
     @app.exception_handler(EngineDeadError)
     async def _dead(request: Request, exc: EngineDeadError):
         return _error(503, str(exc), "service_unavailable", headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestFailedError)
+    async def _failed(request: Request, exc: RequestFailedError):
+        return _error(500, str(exc), "server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -165,7 +169,7 @@ def build_app(
     async def health():
         if engine.state is EngineState.READY:
             return Response(status_code=200)
-        return _error(503, engine._unavailable_message(), "service_unavailable")
+        return _error(503, engine.unavailable_message(), "service_unavailable")
 
     @app.get("/version")
     async def version():

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from membound.engine.llm_engine import LLMEngine
 from membound.errors import EngineDeadError, InvalidRequestError, QueueFullError
 from membound.outputs import RequestOutput
-from membound.sampling_params import SamplingParams
+from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server.metrics import ServerMetrics, StatsLogger
 
 log = logging.getLogger("membound.server")
@@ -60,11 +60,43 @@ class _Abort:
 _STOP = object()
 
 
-class OutputStream:
-    """Outputs of one group of sub-requests, in arrival order, until all have finished."""
+class OutputCollector:
+    """What the engine produced for a group of sub-requests and the reader has not taken yet.
 
-    def __init__(self, engine: AsyncEngine, ids: list[str], q: asyncio.Queue) -> None:
-        self._engine, self._q = engine, q
+    At most one pending output per request: a new one merges into it (deltas concatenated),
+    so a reader that stops reading holds what was generated meanwhile, never a queue of
+    per-step objects. Lives on the event loop."""
+
+    def __init__(self, delta: dict[str, bool]) -> None:
+        self._delta = delta  # request id -> its outputs are deltas
+        self._pending: dict[str, RequestOutput] = {}
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        prev = self._pending.get(out.request_id)
+        self._pending[out.request_id] = out if prev is None else prev.merged_with(out, self._delta[out.request_id])
+        self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._event.set()
+
+    async def get(self) -> list[RequestOutput]:
+        while not self._pending and self._error is None:
+            self._event.clear()
+            await self._event.wait()
+        if self._pending:
+            items, self._pending = list(self._pending.values()), {}
+            return items
+        raise self._error
+
+
+class OutputStream:
+    """Outputs of one group of sub-requests until all have finished."""
+
+    def __init__(self, engine: AsyncEngine, ids: list[str], collector: OutputCollector) -> None:
+        self._engine, self._collector = engine, collector
         self.pending = set(ids)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
@@ -73,13 +105,15 @@ class OutputStream:
     async def _iter(self) -> AsyncIterator[RequestOutput]:
         try:
             while self.pending:
-                item = await self._q.get()
-                if isinstance(item, BaseException):
-                    self.pending.clear()
-                    raise item
-                if item.finished:
-                    self.pending.discard(item.request_id)
-                yield item
+                try:
+                    items = await self._collector.get()
+                except EngineDeadError:
+                    self.pending.clear()  # nothing left to abort (a cancelled reader still aborts below)
+                    raise
+                for item in items:
+                    if item.finished:
+                        self.pending.discard(item.request_id)
+                    yield item
         finally:
             self.close()
 
@@ -87,8 +121,7 @@ class OutputStream:
         """Abort what has not finished (no-op once everything has)."""
         if self.pending:
             ids, self.pending = list(self.pending), set()
-            self._engine._forget(ids)
-            self._engine._abort_ids(ids)
+            self._engine.forget_and_abort(ids)
 
 
 class AsyncEngine:
@@ -115,8 +148,8 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        # Event-loop side only: request id -> the queue its outputs go to.
-        self._queues: dict[str, asyncio.Queue] = {}
+        # Event-loop side only: request id -> the collector its outputs go to.
+        self._queues: dict[str, OutputCollector] = {}
         self.on_dead: Callable[[], None] | None = None  # called on the loop when the engine dies
 
     @property
@@ -151,7 +184,7 @@ class AsyncEngine:
         The caller must iterate the stream to the end or `close()` it: closing aborts
         whatever has not finished, which frees its KV blocks.
         """
-        q: asyncio.Queue = asyncio.Queue()
+        q = OutputCollector({s.request_id: s.params.output_kind is RequestOutputKind.DELTA for s in subs})
         ids = [s.request_id for s in subs]
         for rid in ids:
             self._queues[rid] = q
@@ -169,8 +202,13 @@ class AsyncEngine:
     def _submit(self, command: _Add | _Abort) -> None:
         with self._lock:
             if self._state is not EngineState.READY:
-                raise EngineDeadError(self._unavailable_message())
+                raise EngineDeadError(self.unavailable_message())
             self._commands.put(command)
+
+    def forget_and_abort(self, ids: list[str]) -> None:
+        """Stop delivering outputs for these sub-requests and abort what has not finished."""
+        self._forget(ids)
+        self._abort_ids(ids)
 
     def _abort_ids(self, ids: list[str]) -> None:
         with self._lock:
@@ -181,7 +219,7 @@ class AsyncEngine:
         for rid in ids:
             self._queues.pop(rid, None)
 
-    def _unavailable_message(self) -> str:
+    def unavailable_message(self) -> str:
         if self._state is EngineState.LOADING:
             return "the model is still loading; retry shortly"
         if self._state is EngineState.STOPPED:
@@ -192,14 +230,14 @@ class AsyncEngine:
         for out in outputs:
             q = self._queues.get(out.request_id)
             if q is not None:
-                q.put_nowait(out)
+                q.put(out)
                 if out.finished:
                     del self._queues[out.request_id]
 
     def _fail_all(self, message: str) -> None:
         queues, self._queues = self._queues, {}
         for q in {id(q): q for q in queues.values()}.values():
-            q.put_nowait(EngineDeadError(message))
+            q.fail(EngineDeadError(message))
         if self.on_dead is not None:
             self.on_dead()
 
@@ -227,7 +265,7 @@ class AsyncEngine:
             return
         # Stopped: abort everything still in flight so every waiter gets its final output.
         self._drain_commands(engine, block=False)
-        for rid in list(engine.requests):
+        for rid in engine.request_ids():
             self._abort(engine, rid)
 
     def _loop_forever(self, engine: LLMEngine) -> None:
@@ -271,7 +309,7 @@ class AsyncEngine:
     def _add(self, engine: LLMEngine, cmd: _Add) -> None:
         if not cmd.done.set_running_or_notify_cancel():
             return
-        waiting = len(engine.scheduler.waiting)
+        waiting = engine.stats().num_waiting
         if waiting + len(cmd.subs) > self.max_queued_requests:
             cmd.done.set_exception(
                 QueueFullError(
@@ -294,11 +332,10 @@ class AsyncEngine:
         cmd.done.set_result(None)
 
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
-        req = engine.requests.get(request_id)
-        if req is not None and engine.abort_request(request_id):
+        out = engine.abort(request_id)  # the final, aborted state, for a waiter still listening
+        if out is not None:
             if self.metrics is not None:
-                self.metrics.on_abort(request_id, req.metrics, time.time())
-            out = engine.request_output(req)  # the final, aborted state, for a waiter still listening
+                self.metrics.on_abort(request_id, out.metrics, time.time())
             self._to_loop(self._deliver, [out])
 
     def _die(self, message: str) -> None:

@@ -14,10 +14,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from membound.errors import InvalidRequestError, MemboundError
+from membound.errors import InvalidRequestError, MemboundError, RequestFailedError
 from membound.model.tokenizer import Tokenizer
 from membound.outputs import RequestOutput, TokenLogprob
-from membound.sampling_params import SamplingParams
+from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server.async_engine import AsyncEngine, OutputStream, SubRequest
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
 
@@ -39,7 +39,7 @@ class _Choice:
     """What one choice has produced so far."""
 
     prompt_index: int
-    text: str = ""
+    pieces: list[str] = dataclasses.field(default_factory=list)  # joined once, at the end
     num_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -144,6 +144,7 @@ class _Job:
             ignore_eos=b.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=b.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA,  # streams and full responses both add up deltas
         )
 
     def _check_length(self, ids: list[int]) -> int:
@@ -169,10 +170,13 @@ class _Job:
     # ------------------------------------------------------------------ output
 
     def _update(self, out: RequestOutput) -> tuple[_Choice, str, list[TokenLogprob]]:
+        if out.error is not None:
+            raise RequestFailedError(out.error)
         c = self.choices[out.request_id]
         comp = out.outputs[0]
-        c.text = comp.text
-        c.num_tokens = len(comp.token_ids)
+        if out.delta_text:
+            c.pieces.append(out.delta_text)
+        c.num_tokens += len(out.delta_token_ids)
         c.finish_reason, c.stop_reason = comp.finish_reason, comp.stop_reason
         delta_lp = out.delta_logprobs or []
         c.logprobs.extend(delta_lp)
@@ -233,9 +237,9 @@ class _Job:
         for rid, c in self.choices.items():
             choice: dict = {"index": self.index[rid], "logprobs": self._logprobs(c.logprobs, c)}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["message"] = {"role": "assistant", "content": "".join(c.pieces)}
             else:
-                choice["text"] = c.text
+                choice["text"] = "".join(c.pieces)
             choice["finish_reason"] = c.finish_reason
             choice["stop_reason"] = c.stop_reason
             choices.append(choice)

@@ -1,0 +1,218 @@
+"""Builds an engine's parts, in order: load (packed-first, quantized) -> tokenizer -> profile ->
+plan memory -> allocate the KV cache -> scheduler, input batch, runner -> warm up kernels ->
+capture CUDA graphs. Everything that happens once, at start-up, lives here; `core.py` is the
+loop and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import time
+
+import torch
+
+from membound.attention import AttentionBackend, get_backend
+from membound.attention.base import AttentionMetadata
+from membound.config import EngineConfig
+from membound.engine.block_pool import BlockPool
+from membound.engine.core import EngineCore
+from membound.engine.cuda_graphs import DecodeGraphs
+from membound.engine.input_batch import InputBatch
+from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_needed
+from membound.engine.memory import MemoryPlan, plan_memory
+from membound.engine.model_runner import ModelRunner
+from membound.engine.sampler import SamplingBatch, sample
+from membound.engine.scheduler import Scheduler, SchedulerConfig
+from membound.engine.warmup import synthetic_metadata, warm_up_kernels
+from membound.errors import ConfigError
+from membound.model.config import ModelConfig
+from membound.model.loader import ModelSource, load_config, load_model, open_gguf, resolve_model
+from membound.model.tokenizer import Tokenizer
+from membound.sampling_params import SamplingParams
+
+log = logging.getLogger("membound")
+
+MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: launch gaps no longer matter there
+
+
+@dataclasses.dataclass
+class EngineParts:
+    config: EngineConfig
+    device: torch.device
+    dtype: torch.dtype
+    backend: AttentionBackend
+    source: ModelSource
+    model_config: ModelConfig
+    model: torch.nn.Module
+    quantization: str
+    tokenizer: Tokenizer | None
+    eos_token_ids: tuple[int, ...]
+    max_model_len: int
+    kv_spec: KVCacheSpec
+    memory: MemoryPlan
+    block_pool: BlockPool
+    scheduler: Scheduler
+    input_batch: InputBatch
+    runner: ModelRunner
+    core: EngineCore
+
+
+def build_engine(config: EngineConfig) -> EngineParts:
+    device = config.torch_device()
+    dtype = config.torch_dtype(device)
+    source = resolve_model(config.model, config.load_format)
+    t0 = time.perf_counter()
+    backend = get_backend(config.attention_backend, device)
+    gguf = open_gguf(source)
+    mc = load_config(source, gguf)
+    if backend.name == "triton":
+        from membound.kernels.decode_attention import check_shapes
+
+        try:
+            check_shapes(mc.num_heads, mc.num_kv_heads, config.block_size, dtype, config.kv_cache_dtype == "int8")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    kv_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}.get(config.kv_cache_dtype, dtype)
+    if config.kv_cache_dtype == "fp8" and backend.name == "triton":
+        raise ConfigError(
+            "kv_cache_dtype='fp8' runs on the PyTorch attention backend only for now; "
+            "use kv_cache_dtype='int8' with the Triton kernels"
+        )
+    max_model_len = config.max_model_len or mc.max_position_embeddings
+    if max_model_len > mc.max_position_embeddings:
+        log.warning(
+            "max_model_len %d exceeds the model's context length %d; quality past it is not guaranteed",
+            max_model_len,
+            mc.max_position_embeddings,
+        )
+    loaded = load_model(source, backend, dtype, device, max_model_len, config.seed, gguf, config.quantization)
+    model = loaded.model
+    tokenizer = None
+    if not config.skip_tokenizer_init and source.path is not None:
+        tokenizer = Tokenizer.from_model_path(source.path)
+    eos = set(mc.eos_token_ids)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos.add(tokenizer.eos_token_id)
+
+    kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, kv_dtype)
+    # Allocated before profiling, so the memory plan sees its per-slot rows as used.
+    input_batch = InputBatch(config.max_num_seqs, max_model_len, config.block_size, mc.vocab_size, device)
+    # CUDA graphs need static shapes and no host syncs inside the forward: the Triton path has both.
+    use_graphs = device.type == "cuda" and not config.enforce_eager and backend.name == "triton"
+    activation_peak = profile_activation_peak(model, kv_spec, config, max_model_len, device)
+    graph_reserve = profile_graph_memory(model, kv_spec, config, max_model_len, device) if use_graphs else 0
+    memory = plan_memory(config, kv_spec, device, loaded.weight_bytes, activation_peak + graph_reserve, max_model_len)
+    try:
+        # One block more than the pool hands out: the scratch block padded decode rows write to.
+        kv_caches = allocate_kv_cache(kv_spec, memory.num_blocks + 1, device)
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocators raise RuntimeError
+        raise ConfigError(
+            f"could not allocate the KV cache ({memory.kv_bytes / 2**30:.2f} GiB): {e}; "
+            "lower kv_cache_memory_bytes / gpu_memory_utilization or max_model_len"
+        ) from e
+    pool = BlockPool(memory.num_blocks)
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching,
+            long_prefill_token_threshold=config.prefill_chunk_cap,
+        ),
+        pool,
+    )
+    runner = ModelRunner(model, kv_caches, input_batch, device, config.seed)
+    # The Triton kernels (attention, and the quantized matmuls on CUDA) compile now, not mid-serving.
+    if backend.name == "triton" or (device.type == "cuda" and importlib.util.find_spec("triton")):
+        t = time.perf_counter()
+        warm_up_kernels(
+            model, kv_caches, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+            max_model_len, memory.num_blocks,
+        )  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        log.info("kernels warmed up in %.1fs", time.perf_counter() - t)
+    if use_graphs:
+        runner.graphs = decode_graphs(model, kv_caches, config, max_model_len, device)
+        runner.graphs.capture()
+    # Overlap host and device work where there is a device to overlap with.
+    async_scheduling = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+    core = EngineCore(scheduler, runner, input_batch, async_scheduling)
+    log.info(
+        "loaded %s (%s, %s) on %s in %.1fs; %s",
+        source.name,
+        mc.architecture,
+        str(dtype).removeprefix("torch."),
+        device,
+        time.perf_counter() - t0,
+        memory.describe(max_model_len),
+    )
+    return EngineParts(
+        config, device, dtype, backend, source, mc, model, loaded.quantization, tokenizer, tuple(sorted(eos)),
+        max_model_len, kv_spec, memory, pool, scheduler, input_batch, runner, core,
+    )  # fmt: skip
+
+
+def decode_graphs(model, kv_caches, config: EngineConfig, max_model_len: int, device: torch.device) -> DecodeGraphs:
+    """Static decode buffers over a cache (the engine's or a scratch one); its last block is the pad."""
+    pad = kv_caches[0][0].shape[1] - 1  # [kv_heads, blocks, block_size, head_dim]
+    max_batch = min(config.max_num_seqs, MAX_GRAPH_BATCH)
+    return DecodeGraphs(model, kv_caches, config.block_size, max_model_len, max_batch, pad, device)
+
+
+def profile_graph_memory(model, kv_spec: KVCacheSpec, config: EngineConfig, max_model_len: int, device) -> int:
+    """Bytes the captured graphs will hold: the largest batch's graph, captured once on a
+    scratch cache (the smaller ones share its memory pool), plus every other size's output."""
+    caches = allocate_kv_cache(kv_spec, 2, device)
+    graphs = decode_graphs(model, caches, config, max_model_len, device)
+    nbytes = graphs.capture([graphs.max_batch])
+    row = model.config.hidden_size * torch.empty((), dtype=config.torch_dtype(device)).element_size()
+    nbytes += sum(graphs.ladder[:-1]) * row
+    del graphs, caches
+    torch.cuda.empty_cache()
+    return nbytes
+
+
+@torch.inference_mode()
+def profile_activation_peak(model, kv_spec: KVCacheSpec, config: EngineConfig, max_model_len: int, device) -> int:
+    """Peak memory of the worst steps, measured (CUDA only; on CPU the KV budget is fixed).
+
+    Two shapes: the last prefill chunk of a max_model_len prompt (largest attention mask),
+    and a decode of max_num_seqs sequences all at max_model_len (largest K/V gather), each
+    followed by sampling with truncation. Block tables wrap around a small scratch cache:
+    the gathers cost the same memory as over a real one.
+    """
+    if device.type != "cuda":
+        return 0
+    bs = config.block_size
+    n = min(config.max_num_batched_tokens, max_model_len)
+    scratch = blocks_needed(n, bs) + 1
+    caches = allocate_kv_cache(kv_spec, scratch, device)
+    table_row = [i % scratch for i in range(blocks_needed(max_model_len, bs))]
+
+    def meta(q_lens: list[int]) -> AttentionMetadata:
+        return synthetic_metadata(q_lens, max_model_len, table_row, bs, device)
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    rows = min(config.max_num_seqs, n)
+    vocab = model.config.vocab_size
+    for q_lens in ([n], [1] * rows):
+        t = sum(q_lens)
+        ids = torch.zeros(t, dtype=torch.int64, device=device)
+        positions = torch.full((t,), max_model_len - 1, dtype=torch.int64, device=device)
+        hidden = model(ids, positions, caches, meta(q_lens))
+        logits = model.compute_logits(hidden[:rows])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows
+        batch = SamplingBatch.build(params, [None] * rows, [[0]] * rows, [1] * rows, vocab, device)
+        sample(logits, batch, None)
+        del hidden, logits
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del caches
+    torch.cuda.empty_cache()
+    return peak

@@ -1,0 +1,145 @@
+"""The engine core: add, abort, step. Schedule -> launch -> process the previous step's tokens.
+
+With async scheduling a step is launched before the previous step's tokens reach the host,
+always: the scheduler plans for one more token per sampling request, decode inputs come from
+the device token pool, penalties are counted on the device. The host then waits for the
+previous step, appends its tokens (a request they finished leaves a wasted row in the step
+just launched) and hands out the outputs. Without it, each step is processed right away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from membound.engine.input_batch import InputBatch
+from membound.engine.model_runner import LaunchedStep, ModelRunner
+from membound.engine.output import make_output, process_token
+from membound.engine.request import Request
+from membound.engine.scheduler import Scheduler
+from membound.outputs import RequestOutput, TokenLogprob
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """Where one `step()` spent its time (seconds). Host time is everything but `wait`
+    (and, on CPU, `launch`, which is the model itself there)."""
+
+    schedule: float = 0.0
+    prepare: float = 0.0  # input batch update and upload
+    launch: float = 0.0  # forward + sampling calls
+    wait: float = 0.0  # for the processed step's result
+    output: float = 0.0  # append, detokenize, stop checks, RequestOutputs
+    num_scheduled: int = 0
+
+    @property
+    def host(self) -> float:
+        return self.schedule + self.prepare + self.output
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, input_batch: InputBatch, async_scheduling: bool):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.input_batch = input_batch
+        self.async_scheduling = async_scheduling
+        self.requests: dict[str, Request] = {}
+        self._inflight: LaunchedStep | None = None
+        self.last_timing = StepTiming()
+        self.num_steps = 0
+        self.num_steps_launched_ahead = 0  # launched while the previous step's result was not in
+        self.prompt_tokens_computed = 0
+        self.generation_tokens = 0
+
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self._release(req)
+        req.finish("abort")
+        return req
+
+    def has_unfinished(self) -> bool:
+        # A step still in flight once every request finished holds only wasted rows: the next
+        # step() processes it, whenever that comes.
+        return self.scheduler.has_unfinished()
+
+    @property
+    def step_in_flight(self) -> bool:
+        return self._inflight is not None
+
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        for victim in sched.preempted:
+            self.input_batch.release(victim)
+        t1 = time.perf_counter()
+        launched = None
+        if sched.scheduled:
+            now = time.time()
+            for s in sched.scheduled:
+                if s.request.metrics.first_scheduled_time is None:
+                    s.request.metrics.first_scheduled_time = now
+            launched = self.runner.launch(sched)
+            self.num_steps += 1
+            if self._inflight is not None:
+                self.num_steps_launched_ahead += 1
+        prev, self._inflight = self._inflight, (launched if self.async_scheduling else None)
+        t2 = time.perf_counter()
+        outputs, wait = [], 0.0
+        for done in (prev, None if self.async_scheduling else launched):
+            if done is not None:
+                w = time.perf_counter()
+                result = self.runner.fetch(done)
+                wait += time.perf_counter() - w
+                outputs += self._process(done, result)
+        t3 = time.perf_counter()
+        self.last_timing = StepTiming(
+            schedule=t1 - t0,
+            prepare=launched.prepare_s if launched else 0.0,
+            launch=launched.launch_s if launched else 0.0,
+            wait=wait,
+            output=t3 - t2 - wait,
+            num_scheduled=len(sched.scheduled),
+        )
+        return outputs
+
+    def _process(self, step: LaunchedStep, result) -> list[RequestOutput]:
+        """Append a finished step's tokens, decide stops, build outputs; then let the scheduler
+        cache the blocks the step filled."""
+        outputs = []
+        now = time.time()
+        if result is not None:
+            want_lp = result.logprobs is not None
+            for row, req in enumerate(step.sampling):
+                req.num_pending -= 1
+                if req.is_finished:
+                    continue  # aborted, or finished by an earlier token: a wasted row
+                token = result.token_ids[row]
+                lp = None
+                if want_lp and req.logprobs is not None:
+                    n = req.params.logprobs
+                    top = dict(zip(result.top_ids[row][:n], result.top_logprobs[row][:n], strict=True))
+                    lp = TokenLogprob(token, result.logprobs[row], top)
+                if req.metrics.first_token_time is None:
+                    req.metrics.first_token_time = now
+                process_token(req, token, lp)
+                self.generation_tokens += 1
+                if req.is_finished:
+                    req.metrics.finished_time = now
+                    self.requests.pop(req.request_id, None)
+                    self._release(req)
+                out = make_output(req)
+                if out is not None:
+                    outputs.append(out)
+        self.scheduler.commit(step.sched)
+        self.prompt_tokens_computed += step.sched.num_tokens - step.sched.num_decodes
+        return outputs
+
+    def _release(self, req: Request) -> None:
+        self.scheduler.remove(req)
+        self.input_batch.release(req)

@@ -1,0 +1,292 @@
+"""The persistent input batch: per-slot rows on the device that live as long as their request.
+
+A running request owns one slot. Its block-table row, sampling settings, penalty counts and
+last sampled token stay on the device between steps; a step writes only what changed (a new
+request's row, blocks added since the last step) and sends one small packed tensor of
+per-token indices. Decode inputs are gathered on the device from the token pool the sampler
+writes, so a step can be launched before the previous step's tokens reach the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from membound.attention.base import AttentionMetadata
+from membound.engine.request import Request
+from membound.engine.sampler import SamplingBatch
+from membound.engine.scheduler import SchedulerOutput
+from membound.engine.transfer import to_device
+
+PENDING = -1  # an input id the host does not know yet: the token pool has it
+
+
+@dataclasses.dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_rows: torch.Tensor  # [S] index of the last token of each sampling row
+    sample_slots: torch.Tensor  # [S] the slot of each sampling row (where its token goes)
+
+
+class PenaltyRows:
+    """Token counts of penalised requests, on the device, one row each; grows on demand.
+
+    Counts are set from the host once, when a request (re)enters the batch, and from then on
+    bumped on the device by the sampled ids: penalties never need a token on the host."""
+
+    def __init__(self, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size, self.device = vocab_size, device
+        self.counts = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # output occurrences
+        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # in prompt or output
+        self.weights = torch.zeros(0, 3, dtype=torch.float32, device=device)  # repetition, presence, frequency
+        self._row_of_slot: dict[int, int] = {}
+        self._free: list[int] = []
+
+    def row(self, slot: int) -> int | None:
+        return self._row_of_slot.get(slot)
+
+    def add(self, slot: int, req: Request) -> None:
+        if not self._free:
+            self._grow(max(4, 2 * self.counts.shape[0]))
+        row = self._free.pop()
+        self._row_of_slot[slot] = row
+        p = req.params
+        n_prompt = len(req.prompt_token_ids)
+        ids = to_device(req.token_ids, torch.int64, self.device)
+        is_out = torch.arange(len(req.token_ids), device=self.device) >= n_prompt
+        self.counts[row].zero_().index_add_(0, ids, is_out.float())
+        self.seen[row].zero_()[ids] = True
+        w = to_device([p.repetition_penalty, p.presence_penalty, p.frequency_penalty], torch.float32, self.device)
+        self.weights[row].copy_(w)
+
+    def release(self, slot: int) -> None:
+        row = self._row_of_slot.pop(slot, None)
+        if row is not None:
+            self._free.append(row)
+
+    def _grow(self, cap: int) -> None:
+        old = self.counts.shape[0]
+        for name in ("counts", "seen", "weights"):
+            t = getattr(self, name)
+            bigger = torch.zeros(cap, *t.shape[1:], dtype=t.dtype, device=self.device)
+            bigger[:old] = t
+            setattr(self, name, bigger)
+        self._free.extend(range(cap - 1, old - 1, -1))
+
+
+@dataclasses.dataclass
+class StepPenalties:
+    """The penalised rows of one step's sampling batch: applied before the draw, bumped after."""
+
+    store: PenaltyRows
+    rows: torch.Tensor  # [P] sampling rows with penalties
+    prows: torch.Tensor  # [P] their rows in the store
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        s = self.store
+        sub = logits[self.rows]
+        w = s.weights[self.prows]
+        rep, presence, frequency = w[:, 0:1], w[:, 1:2], w[:, 2:3]
+        counts, seen = s.counts[self.prows], s.seen[self.prows]
+        # Repetition (CTRL / HF): divide positive logits, multiply negative ones.
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        # Presence / frequency (OpenAI): subtract per output occurrence.
+        sub = sub - frequency * counts - presence * (counts > 0).float()
+        return logits.index_copy(0, self.rows, sub)
+
+    def record(self, ids: torch.Tensor) -> None:
+        s, tok = self.store, ids[self.rows]
+        s.counts.index_put_((self.prows, tok), torch.ones_like(tok, dtype=torch.float32), accumulate=True)
+        s.seen.index_put_((self.prows, tok), torch.ones_like(tok, dtype=torch.bool))
+
+
+class InputBatch:
+    def __init__(
+        self,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.device = device
+        self.max_blocks = -(-max_model_len // block_size)
+        self.block_table = torch.zeros(max_num_seqs, self.max_blocks, dtype=torch.int32, device=device)
+        self.token_pool = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        # temperature, top_p, min_p (fp32) and top_k (int64) per slot
+        self.float_params = torch.ones(max_num_seqs, 3, dtype=torch.float32, device=device)
+        self.top_k = torch.full((max_num_seqs,), vocab_size, dtype=torch.int64, device=device)
+        self.penalties = PenaltyRows(vocab_size, device)
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self._synced_blocks = [0] * max_num_seqs  # block-table entries written per slot
+        self._req_of_slot: list[Request | None] = [None] * max_num_seqs
+
+    @property
+    def num_active(self) -> int:
+        return sum(r is not None for r in self._req_of_slot)
+
+    def release(self, req: Request) -> None:
+        """The request left the batch (finished, aborted, preempted): its slot is free again.
+        A step in flight may still write its old row; a new owner's writes come after it in
+        stream order."""
+        slot = req.slot
+        if slot is None:
+            return
+        req.slot = None
+        self._req_of_slot[slot] = None
+        self.penalties.release(slot)
+        self._free_slots.append(slot)
+
+    def _admit(self, req: Request, new_params: list) -> int:
+        slot = self._free_slots.pop()
+        req.slot = slot
+        self._req_of_slot[slot] = req
+        self._synced_blocks[slot] = 0
+        p = req.params
+        new_params.append((slot, p.temperature, p.top_p, p.min_p, p.top_k if p.top_k > 0 else self.vocab_size))
+        if p.uses_penalties:
+            self.penalties.add(slot, req)
+        return slot
+
+    def prepare(self, sched: SchedulerOutput) -> tuple[ModelInputs, SamplingBatch | None, list[Request]]:
+        """Apply what changed since the last step and build this step's inputs.
+
+        Returns the model inputs, the sampling batch (None when nothing samples) and the
+        requests behind the sampling rows, in order."""
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        seq_lens: list[int] = []
+        starts = [0]
+        row_slots: list[int] = []
+        logits_rows: list[int] = []
+        sample_slots: list[int] = []
+        sampling: list[Request] = []
+        table_idx: list[int] = []
+        table_val: list[int] = []
+        new_params: list = []
+        width = 0
+        synced = self._synced_blocks
+        for s in sched.scheduled:
+            req = s.request
+            slot = req.slot
+            if slot is None:
+                slot = self._admit(req, new_params)
+            blocks = req.block_ids
+            if len(blocks) > synced[slot]:  # only the entries added since the last step travel
+                base = slot * self.max_blocks
+                for i in range(synced[slot], len(blocks)):
+                    table_idx.append(base + i)
+                    table_val.append(blocks[i])
+                synced[slot] = len(blocks)
+            start, end = s.start, s.end
+            known = req.num_tokens
+            if end <= known:
+                ids.extend(req.token_ids[start:end])
+            else:  # the last input is the token a launched step sampled: the device has it
+                ids.extend(req.token_ids[start:known])
+                ids.extend([PENDING] * (end - max(start, known)))
+            if end - start == 1:
+                positions.append(start)
+                token_slots.append(slot)
+            else:
+                positions.extend(range(start, end))
+                token_slots.extend([slot] * (end - start))
+            seq_lens.append(end)
+            starts.append(starts[-1] + end - start)
+            row_slots.append(slot)
+            width = max(width, len(blocks))
+            if s.samples:
+                logits_rows.append(starts[-1] - 1)
+                sample_slots.append(slot)
+                sampling.append(req)
+        dev = self.device
+        if table_idx:
+            t = to_device([table_idx, table_val], torch.int64, dev)
+            self.block_table.view(-1).index_copy_(0, t[0], t[1].to(torch.int32))
+        if new_params:
+            p = to_device(new_params, torch.float32, dev)
+            slots = p[:, 0].long()
+            self.float_params.index_copy_(0, slots, p[:, 1:4].contiguous())
+            self.top_k.index_copy_(0, slots, p[:, 4].long())
+        t_len, b, n_s = len(ids), len(seq_lens), len(logits_rows)
+        packed = to_device(
+            ids + positions + token_slots + seq_lens + starts + row_slots + logits_rows + sample_slots, torch.int64, dev
+        )
+        o = 0
+
+        def take(n: int) -> torch.Tensor:
+            nonlocal o
+            o += n
+            return packed[o - n : o]
+
+        raw_ids, pos, tok_slot = take(t_len), take(t_len), take(t_len)
+        lens, qsl, rslots, lrows, sslots = take(b), take(b + 1), take(b), take(n_s), take(n_s)
+        input_ids = torch.where(raw_ids == PENDING, self.token_pool[tok_slot], raw_ids)
+        slot_mapping = self.block_table[tok_slot, pos // bs].long() * bs + pos % bs
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            block_tables=self.block_table[rslots, :width],
+            seq_lens=lens.to(torch.int32),
+            query_start_loc=qsl.to(torch.int32),
+            num_decodes=sched.num_decodes,
+            seq_lens_host=tuple(seq_lens),
+            query_start_loc_host=tuple(starts),
+        )
+        inputs = ModelInputs(input_ids, pos, meta, lrows, sslots)
+        return inputs, (self._sampling_batch(sampling, sslots) if sampling else None), sampling
+
+    def _sampling_batch(self, reqs: list[Request], slots: torch.Tensor) -> SamplingBatch:
+        params = [r.params for r in reqs]
+        greedy = all(p.temperature == 0 for p in params)
+        trunc = not greedy and any(
+            p.temperature != 0 and (p.top_p < 1 or p.min_p > 0 or 0 < p.top_k < self.vocab_size) for p in params
+        )
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        generators = [r.generator for r in reqs]
+        pen_rows, pen_prows, banned_rows, banned_ids = [], [], [], []
+        for i, r in enumerate(reqs):
+            p = r.params
+            if p.uses_penalties:
+                pen_rows.append(i)
+                pen_prows.append(self.penalties.row(r.slot))
+            if p.min_tokens:
+                # Outputs before this draw: those appended plus the earlier ones still on their way.
+                if r.num_output_tokens + r.num_pending - 1 < p.min_tokens:
+                    for tok in (*r.eos_token_ids, *p.stop_token_ids):
+                        if tok < self.vocab_size:
+                            banned_rows.append(i)
+                            banned_ids.append(tok)
+        dev = self.device
+        fp = self.float_params[slots]
+        penalties = None
+        if pen_rows:
+            t = to_device([pen_rows, pen_prows], torch.int64, dev)
+            penalties = StepPenalties(self.penalties, t[0], t[1])
+        banned = None
+        if banned_rows:
+            t = to_device([banned_rows, banned_ids], torch.int64, dev)
+            banned = (t[0], t[1])
+        return SamplingBatch(
+            params=params,
+            generators=generators if any(g is not None for g in generators) else [],
+            temperature=fp[:, 0],
+            top_k=self.top_k[slots],
+            top_p=fp[:, 1],
+            min_p=fp[:, 2],
+            all_greedy=greedy,
+            needs_truncation=trunc,
+            max_logprobs=max(asked) if asked else None,
+            penalties=penalties,
+            banned=banned,
+        )
+
+    def write_tokens(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
+        """The sampler's ids go to their slots: the next step's decode inputs."""
+        self.token_pool.index_copy_(0, slots, ids)
