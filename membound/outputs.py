@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class TokenLogprob:
     """The sampled token's logprob and the top alternatives, for one position."""
 
@@ -14,7 +14,7 @@ class TokenLogprob:
     top: dict[int, float]  # token id -> logprob, best first
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -26,7 +26,7 @@ class RequestMetrics:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class CompletionOutput:
     index: int
     text: str
@@ -36,7 +36,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class RequestOutput:
     """A request's state after a step. `outputs[0]` holds everything generated so far;
     `delta_text` / `delta_token_ids` / `delta_logprobs` hold only what this step added (for streaming)."""

@@ -98,6 +98,22 @@ def test_output_kinds_deltas_add_up_and_final_only_reports_once(tmp_path):
     assert [len(o.outputs[0].token_ids) for o in cum] == list(range(1, 41))
 
 
+def test_no_row_is_scheduled_for_a_token_that_is_certainly_the_last(tmp_path):
+    """With async scheduling, a request whose sampled-but-unseen token reaches max_tokens gets no
+    further row (it would take a block, maybe preempt someone); a one-token request still caches
+    its prompt (its blocks are registered before it gives them back)."""
+    llm = tiny_llm(tmp_path, async_scheduling=True)
+    eng = llm.engine
+    prompt = list(range(1, 50))  # 3 full blocks of 16
+    for rid in ("a", "b"):
+        eng.add_request(rid, prompt, SamplingParams(temperature=0, max_tokens=1))
+        while eng.has_unfinished_requests():
+            eng.step()
+    s = eng.stats()
+    assert s.num_steps == 2  # one prefill each, no wasted decode after it
+    assert s.prefix_cache_hits == 48 and s.num_cached_blocks == 3
+
+
 # ---------------------------------------------------------------- penalties on the device
 
 
@@ -114,7 +130,7 @@ def test_device_penalty_rows_match_the_one_shot_reference():
         r = Request(str(i), None, prompt, p, 0.0, (), 100, None, None)
         r.token_ids += torch.randint(0, vocab, (5,), generator=g).tolist()  # resumed with outputs
         reqs.append(r)
-    store = PenaltyRows(vocab, torch.device("cpu"))
+    store = PenaltyRows(vocab, 4, torch.device("cpu"))
     for slot, r in zip((3, 1), reqs, strict=True):
         store.add(slot, r)
     step = StepPenalties(store, torch.tensor([0, 1]), torch.tensor([store.row(3), store.row(1)]))

@@ -19,7 +19,7 @@ from membound.config import EngineConfig
 from membound.engine.block_pool import BlockPool
 from membound.engine.core import EngineCore
 from membound.engine.cuda_graphs import DecodeGraphs
-from membound.engine.input_batch import InputBatch
+from membound.engine.input_batch import InputBatch, PenaltyRows
 from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_needed
 from membound.engine.memory import MemoryPlan, plan_memory
 from membound.engine.model_runner import ModelRunner
@@ -102,6 +102,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
     # CUDA graphs need static shapes and no host syncs inside the forward: the Triton path has both.
     use_graphs = device.type == "cuda" and not config.enforce_eager and backend.name == "triton"
     activation_peak = profile_activation_peak(model, kv_spec, config, max_model_len, device)
+    if device.type == "cuda":  # penalty counts grow at run time, up to one row per slot: keep room
+        activation_peak += PenaltyRows.bytes_at_capacity(mc.vocab_size, config.max_num_seqs)
     graph_reserve = profile_graph_memory(model, kv_spec, config, max_model_len, device) if use_graphs else 0
     memory = plan_memory(config, kv_spec, device, loaded.weight_bytes, activation_peak + graph_reserve, max_model_len)
     try:
@@ -120,7 +122,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
             block_size=config.block_size,
             enable_chunked_prefill=config.enable_chunked_prefill,
             enable_prefix_caching=config.enable_prefix_caching,
-            long_prefill_token_threshold=config.prefill_chunk_cap,
+            long_prefill_token_threshold=config.prefill_chunk_cap(device),
         ),
         pool,
     )

@@ -14,7 +14,7 @@ import time
 
 from membound.engine.input_batch import InputBatch
 from membound.engine.model_runner import LaunchedStep, ModelRunner
-from membound.engine.output import make_output, process_token
+from membound.engine.output import append_token, fail, make_output
 from membound.engine.request import Request
 from membound.engine.scheduler import Scheduler
 from membound.outputs import RequestOutput, TokenLogprob
@@ -113,6 +113,10 @@ class EngineCore:
         cache the blocks the step filled."""
         outputs = []
         now = time.time()
+        n_tokens = 0
+        # First: the blocks the step filled go to the prefix cache, before a request it finishes
+        # gives them back (a one-token request still caches its prompt).
+        self.scheduler.commit(step.sched)
         if result is not None:
             want_lp = result.logprobs is not None
             for row, req in enumerate(step.sampling):
@@ -127,8 +131,11 @@ class EngineCore:
                     lp = TokenLogprob(token, result.logprobs[row], top)
                 if req.metrics.first_token_time is None:
                     req.metrics.first_token_time = now
-                process_token(req, token, lp)
-                self.generation_tokens += 1
+                try:
+                    append_token(req, token, lp)
+                except Exception as e:  # noqa: BLE001 - a tokenizer or stop-check bug ends this request alone
+                    fail(req, e)
+                n_tokens += 1
                 if req.is_finished:
                     req.metrics.finished_time = now
                     self.requests.pop(req.request_id, None)
@@ -136,8 +143,8 @@ class EngineCore:
                 out = make_output(req)
                 if out is not None:
                     outputs.append(out)
-        self.scheduler.commit(step.sched)
-        self.prompt_tokens_computed += step.sched.num_tokens - step.sched.num_decodes
+        self.generation_tokens += n_tokens
+        self.prompt_tokens_computed += step.sched.num_tokens - step.sched.num_decode_tokens
         return outputs
 
     def _release(self, req: Request) -> None:

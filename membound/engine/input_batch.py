@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from membound.attention.base import AttentionMetadata
-from membound.engine.request import Request
+from membound.engine.request import SAMPLES, SPECIAL, TRUNCATES, Request
 from membound.engine.sampler import SamplingBatch
 from membound.engine.scheduler import SchedulerOutput
 from membound.engine.transfer import to_device
@@ -32,25 +32,31 @@ class ModelInputs:
 
 
 class PenaltyRows:
-    """Token counts of penalised requests, on the device, one row each; grows on demand.
+    """Token counts of penalised requests, on the device, one row each; grows on demand up to one
+    row per slot (the memory plan reserves that much on CUDA: `bytes_at_capacity`).
 
     Counts are set from the host once, when a request (re)enters the batch, and from then on
     bumped on the device by the sampled ids: penalties never need a token on the host."""
 
-    def __init__(self, vocab_size: int, device: torch.device) -> None:
-        self.vocab_size, self.device = vocab_size, device
+    def __init__(self, vocab_size: int, max_rows: int, device: torch.device) -> None:
+        self.vocab_size, self.max_rows, self.device = vocab_size, max_rows, device
         self.counts = torch.zeros(0, vocab_size, dtype=torch.float32, device=device)  # output occurrences
         self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # in prompt or output
         self.weights = torch.zeros(0, 3, dtype=torch.float32, device=device)  # repetition, presence, frequency
         self._row_of_slot: dict[int, int] = {}
         self._free: list[int] = []
 
+    @staticmethod
+    def bytes_at_capacity(vocab_size: int, max_rows: int) -> int:
+        """Device bytes of a full table: fp32 counts and bool flags per token, 3 weights per row."""
+        return max_rows * (vocab_size * 5 + 12)
+
     def row(self, slot: int) -> int | None:
         return self._row_of_slot.get(slot)
 
     def add(self, slot: int, req: Request) -> None:
         if not self._free:
-            self._grow(max(4, 2 * self.counts.shape[0]))
+            self._grow(min(self.max_rows, max(4, 2 * self.counts.shape[0])))
         row = self._free.pop()
         self._row_of_slot[slot] = row
         p = req.params
@@ -118,10 +124,11 @@ class InputBatch:
         self.max_blocks = -(-max_model_len // block_size)
         self.block_table = torch.zeros(max_num_seqs, self.max_blocks, dtype=torch.int32, device=device)
         self.token_pool = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)
+        self.arange = torch.arange(max_num_seqs + 1, dtype=torch.int64, device=device)
         # temperature, top_p, min_p (fp32) and top_k (int64) per slot
         self.float_params = torch.ones(max_num_seqs, 3, dtype=torch.float32, device=device)
         self.top_k = torch.full((max_num_seqs,), vocab_size, dtype=torch.int64, device=device)
-        self.penalties = PenaltyRows(vocab_size, device)
+        self.penalties = PenaltyRows(vocab_size, max_num_seqs, device)
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._synced_blocks = [0] * max_num_seqs  # block-table entries written per slot
         self._req_of_slot: list[Request | None] = [None] * max_num_seqs
@@ -159,21 +166,13 @@ class InputBatch:
         Returns the model inputs, the sampling batch (None when nothing samples) and the
         requests behind the sampling rows, in order."""
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        token_slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        row_slots: list[int] = []
-        logits_rows: list[int] = []
-        sample_slots: list[int] = []
-        sampling: list[Request] = []
+        scheduled = sched.scheduled
+        nd = sched.num_decodes
         table_idx: list[int] = []
         table_val: list[int] = []
         new_params: list = []
-        width = 0
         synced = self._synced_blocks
-        for s in sched.scheduled:
+        for s in scheduled:  # what changed: new requests, blocks added since the last step
             req = s.request
             slot = req.slot
             if slot is None:
@@ -181,31 +180,46 @@ class InputBatch:
             blocks = req.block_ids
             if len(blocks) > synced[slot]:  # only the entries added since the last step travel
                 base = slot * self.max_blocks
-                for i in range(synced[slot], len(blocks)):
-                    table_idx.append(base + i)
-                    table_val.append(blocks[i])
+                table_idx.extend(range(base + synced[slot], base + len(blocks)))
+                table_val.extend(blocks[synced[slot] :])
                 synced[slot] = len(blocks)
-            start, end = s.start, s.end
+        # Single-token rows (decodes) first, as list comprehensions: the common case at a large batch.
+        dec = scheduled[:nd]
+        dec_reqs = [s.request for s in dec]
+        positions = [s.start for s in dec]
+        ids = [
+            r.token_ids[p] if p < len(r.token_ids) else PENDING  # PENDING: a launched step sampled it
+            for r, p in zip(dec_reqs, positions, strict=True)
+        ]
+        row_slots = [r.slot for r in dec_reqs]
+        token_slots = list(row_slots)
+        seq_lens = [p + 1 for p in positions]
+        starts = list(range(nd + 1))
+        width = max((len(r.block_ids) for r in dec_reqs), default=0)
+        samples = [s.samples for s in dec]
+        for s in scheduled[nd:]:  # prefill chunks: few rows, many tokens
+            req, start, end = s.request, s.start, s.end
             known = req.num_tokens
-            if end <= known:
-                ids.extend(req.token_ids[start:end])
-            else:  # the last input is the token a launched step sampled: the device has it
-                ids.extend(req.token_ids[start:known])
+            ids.extend(req.token_ids[start : min(end, known)])
+            if end > known:  # the chunk ends on the token a launched step sampled
                 ids.extend([PENDING] * (end - max(start, known)))
-            if end - start == 1:
-                positions.append(start)
-                token_slots.append(slot)
-            else:
-                positions.extend(range(start, end))
-                token_slots.extend([slot] * (end - start))
+            positions.extend(range(start, end))
+            token_slots.extend([req.slot] * (end - start))
             seq_lens.append(end)
             starts.append(starts[-1] + end - start)
-            row_slots.append(slot)
-            width = max(width, len(blocks))
-            if s.samples:
-                logits_rows.append(starts[-1] - 1)
-                sample_slots.append(slot)
-                sampling.append(req)
+            row_slots.append(req.slot)
+            width = max(width, len(req.block_ids))
+            samples.append(s.samples)
+        if all(samples):
+            sampling = [s.request for s in scheduled]
+            logits_rows = starts[1:]
+            logits_rows = [x - 1 for x in logits_rows]
+            sample_slots = row_slots
+        else:
+            rows = [i for i, x in enumerate(samples) if x]
+            sampling = [scheduled[i].request for i in rows]
+            logits_rows = [starts[i + 1] - 1 for i in rows]
+            sample_slots = [row_slots[i] for i in rows]
         dev = self.device
         if table_idx:
             t = to_device([table_idx, table_val], torch.int64, dev)
@@ -216,18 +230,29 @@ class InputBatch:
             self.float_params.index_copy_(0, slots, p[:, 1:4].contiguous())
             self.top_k.index_copy_(0, slots, p[:, 4].long())
         t_len, b, n_s = len(ids), len(seq_lens), len(logits_rows)
-        packed = to_device(
-            ids + positions + token_slots + seq_lens + starts + row_slots + logits_rows + sample_slots, torch.int64, dev
-        )
-        o = 0
+        if nd == b and n_s == b:
+            # Pure decode: one token and one sampling row per sequence; send ids, positions and
+            # slots, derive the rest (the common step at a large batch: a third of the upload).
+            packed = to_device(ids + positions + row_slots, torch.int64, dev)
+            raw_ids, pos, rslots = packed[:b], packed[b : 2 * b], packed[2 * b :]
+            tok_slot = sslots = rslots
+            lens = pos + 1
+            qsl, lrows = self.arange[: b + 1], self.arange[:b]
+        else:
+            packed = to_device(
+                ids + positions + token_slots + seq_lens + starts + row_slots + logits_rows + sample_slots,
+                torch.int64,
+                dev,
+            )
+            o = 0
 
-        def take(n: int) -> torch.Tensor:
-            nonlocal o
-            o += n
-            return packed[o - n : o]
+            def take(n: int) -> torch.Tensor:
+                nonlocal o
+                o += n
+                return packed[o - n : o]
 
-        raw_ids, pos, tok_slot = take(t_len), take(t_len), take(t_len)
-        lens, qsl, rslots, lrows, sslots = take(b), take(b + 1), take(b), take(n_s), take(n_s)
+            raw_ids, pos, tok_slot = take(t_len), take(t_len), take(t_len)
+            lens, qsl, rslots, lrows, sslots = take(b), take(b + 1), take(b), take(n_s), take(n_s)
         input_ids = torch.where(raw_ids == PENDING, self.token_pool[tok_slot], raw_ids)
         slot_mapping = self.block_table[tok_slot, pos // bs].long() * bs + pos % bs
         meta = AttentionMetadata(
@@ -243,15 +268,17 @@ class InputBatch:
         return inputs, (self._sampling_batch(sampling, sslots) if sampling else None), sampling
 
     def _sampling_batch(self, reqs: list[Request], slots: torch.Tensor) -> SamplingBatch:
+        flags = [r.sampling_flags for r in reqs]  # computed once per request (Request.sampling_flags)
+        greedy = not any(f & SAMPLES for f in flags)
+        trunc = any(f & TRUNCATES for f in flags)
+        special = [i for i, f in enumerate(flags) if f & SPECIAL]
         params = [r.params for r in reqs]
-        greedy = all(p.temperature == 0 for p in params)
-        trunc = not greedy and any(
-            p.temperature != 0 and (p.top_p < 1 or p.min_p > 0 or 0 < p.top_k < self.vocab_size) for p in params
-        )
-        asked = [p.logprobs for p in params if p.logprobs is not None]
-        generators = [r.generator for r in reqs]
+        asked = [params[i].logprobs for i in special if params[i].logprobs is not None]
+        generators = [reqs[i].generator for i in special]
+        generators = [r.generator for r in reqs] if any(g is not None for g in generators) else []
         pen_rows, pen_prows, banned_rows, banned_ids = [], [], [], []
-        for i, r in enumerate(reqs):
+        for i in special:
+            r = reqs[i]
             p = r.params
             if p.uses_penalties:
                 pen_rows.append(i)
@@ -275,7 +302,7 @@ class InputBatch:
             banned = (t[0], t[1])
         return SamplingBatch(
             params=params,
-            generators=generators if any(g is not None for g in generators) else [],
+            generators=generators,
             temperature=fp[:, 0],
             top_k=self.top_k[slots],
             top_p=fp[:, 1],

@@ -59,57 +59,34 @@ def stream_text_limit(req: Request) -> int:
     return max(req.emitted_chars, len(req.text) - hold)
 
 
-def process_token(req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
-    """`append_token`, contained: whatever it raises ends this request alone."""
-    try:
-        append_token(req, token_id, logprob)
-    except Exception as e:  # noqa: BLE001 - a tokenizer or stop-check bug must not take others down
-        log.warning("request %s failed while processing its output: %s: %s", req.request_id, type(e).__name__, e)
-        fail(req, f"processing the output failed: {type(e).__name__}: {e}")
-
-
-def fail(req: Request, message: str) -> None:
+def fail(req: Request, error: Exception) -> None:
+    """End a request whose output processing raised: finish_reason "error", with the message."""
+    log.warning("request %s failed while processing its output: %s: %s", req.request_id, type(error).__name__, error)
     req.finish("error")
-    req.error = message
+    req.error = f"processing the output failed: {type(error).__name__}: {error}"
 
 
 def make_output(req: Request, force: bool = False) -> RequestOutput | None:
     """The request's output for this step in its kind; None when a final-only request is not
     done yet (unless `force`). Deltas are what changed since its last output."""
-    kind = req.params.output_kind
-    if kind is RequestOutputKind.FINAL_ONLY and not req.is_finished and not force:
+    params = req.params
+    kind = params.output_kind
+    finished = req.is_finished
+    if kind is RequestOutputKind.FINAL_ONLY and not finished and not force:
         return None
-    limit = stream_text_limit(req)
+    limit = stream_text_limit(req) if params.stop else len(req.text)
     delta_text = req.text[req.emitted_chars : limit]
     req.emitted_chars = limit
-    n_prompt = len(req.prompt_token_ids)
-    delta_ids = req.token_ids[n_prompt + req.emitted_tokens :]
+    delta_ids = req.token_ids[len(req.prompt_token_ids) + req.emitted_tokens :]
     delta_logprobs = None if req.logprobs is None else req.logprobs[req.emitted_tokens :]
-    req.emitted_tokens = req.num_output_tokens
+    req.emitted_tokens += len(delta_ids)
     if kind is RequestOutputKind.DELTA:
-        text, token_ids, logprobs = delta_text, delta_ids, delta_logprobs
+        comp = CompletionOutput(0, delta_text, delta_ids, delta_logprobs, req.finish_reason, req.stop_reason)
     else:
         # Copies, not the live lists: outputs may be read on another thread while the engine goes on.
-        text, token_ids = req.text, req.output_token_ids
         logprobs = None if req.logprobs is None else list(req.logprobs)
+        comp = CompletionOutput(0, req.text, req.output_token_ids, logprobs, req.finish_reason, req.stop_reason)
     return RequestOutput(
-        request_id=req.request_id,
-        prompt=req.prompt,
-        prompt_token_ids=req.prompt_token_ids,
-        outputs=[
-            CompletionOutput(
-                index=0,
-                text=text,
-                token_ids=token_ids,
-                logprobs=logprobs,
-                finish_reason=req.finish_reason,
-                stop_reason=req.stop_reason,
-            )
-        ],
-        finished=req.is_finished,
-        metrics=req.metrics,
-        delta_text=delta_text,
-        delta_token_ids=delta_ids,
-        delta_logprobs=delta_logprobs,
-        error=req.error,
-    )
+        req.request_id, req.prompt, req.prompt_token_ids, [comp], finished, req.metrics,
+        delta_text, delta_ids, delta_logprobs, req.error,
+    )  # fmt: skip

@@ -15,6 +15,11 @@ from membound.model.tokenizer import Detokenizer
 from membound.outputs import RequestMetrics, TokenLogprob
 from membound.sampling_params import SamplingParams
 
+# Request.sampling_flags bits: what a sampling batch must do for the request.
+SAMPLES = 1  # temperature > 0
+TRUNCATES = 2  # top-k / top-p / min-p on a sampled draw
+SPECIAL = 4  # penalties, min_tokens, logprobs or a seed: handled row by row
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -23,6 +28,37 @@ class Status(enum.Enum):
 
 
 class Request:
+    # Slots: attribute reads and writes are the engine loop's inner loop (256 requests a step).
+    __slots__ = (
+        "request_id",
+        "prompt",
+        "prompt_token_ids",
+        "params",
+        "token_ids",
+        "num_computed_tokens",
+        "num_pending",
+        "slot",
+        "in_running",
+        "block_ids",
+        "block_hashes",
+        "num_cached_blocks",
+        "status",
+        "metrics",
+        "eos_token_ids",
+        "max_output",
+        "detokenizer",
+        "generator",
+        "text",
+        "emitted_chars",
+        "emitted_tokens",
+        "logprobs",
+        "finish_reason",
+        "stop_reason",
+        "error",
+        "num_preemptions",
+        "sampling_flags",
+    )
+
     def __init__(
         self,
         request_id: str,
@@ -43,6 +79,7 @@ class Request:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache or written by a launched step
         self.num_pending = 0  # tokens sampled by launched steps, not yet appended
         self.slot: int | None = None  # row of the persistent input batch while running
+        self.in_running = False  # in the scheduler's running list (the scheduler keeps this)
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained content hashes of full blocks of token_ids
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
@@ -61,6 +98,11 @@ class Request:
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why it ended, when finish_reason is "error"
         self.num_preemptions = 0
+        p = params
+        truncates = p.top_p < 1 or p.min_p > 0 or p.top_k > 0
+        self.sampling_flags = (SAMPLES | (TRUNCATES if truncates else 0)) if p.temperature > 0 else 0
+        if p.uses_penalties or p.min_tokens or p.logprobs is not None or generator is not None:
+            self.sampling_flags |= SPECIAL
 
     @property
     def num_tokens(self) -> int:
@@ -84,13 +126,6 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
-
-    def banned_token_ids(self, pending: int = 0) -> list[int]:
-        """Tokens the sampler must not pick now: EOS and stop tokens until min_tokens is reached.
-        pending: sampled tokens not yet appended (a step scheduled ahead of its inputs)."""
-        if self.num_output_tokens + pending >= self.params.min_tokens:
-            return []
-        return [*self.eos_token_ids, *self.params.stop_token_ids]
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = Status.FINISHED

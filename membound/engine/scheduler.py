@@ -38,7 +38,7 @@ class SchedulerConfig:
     cache_salt: bytes = b""  # mixed into block hashes: whatever else changes the KV (model, LoRA)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: frozen __init__ costs ~1 us a row, 256 rows a step
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
@@ -56,10 +56,9 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # single-token entries first
     num_decodes: int
     preempted: list[Request]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    fills_blocks: list[ScheduledRequest] = dataclasses.field(default_factory=list)  # entries that fill a block
+    num_tokens: int = 0  # tokens computed this step
+    num_decode_tokens: int = 0  # of those, one-token decodes of running requests (the rest: prompts, recomputes)
 
 
 class Scheduler:
@@ -68,6 +67,7 @@ class Scheduler:
         self.allocator = allocator
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # in admission order
+        self._left_running = 0  # finished or aborted requests still in `running`, dropped at the next schedule
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of those, tokens whose KV was found
@@ -77,63 +77,80 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) - self._left_running
 
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting) or len(self.running) > self._left_running
 
     def remove(self, request: Request) -> None:
-        """Take a finished or aborted request out and free its KV blocks."""
-        if request in self.running:
-            self.running.remove(request)
+        """Take a finished or aborted request out and free its KV blocks (its status must already
+        be FINISHED or about to be: a running request is dropped from `running` lazily, so that
+        many finishing in one step cost one pass, not one scan each)."""
+        if request.in_running:
+            request.in_running = False
+            self._left_running += 1
         elif request in self.waiting:
             self.waiting.remove(request)
         self._free_blocks(request)
 
+    def _compact(self) -> None:
+        if self._left_running:
+            self.running = [r for r in self.running if r.in_running]
+            self._left_running = 0
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        bs = self.config.block_size
         scheduled: dict[str, ScheduledRequest] = {}
         preempted: list[Request] = []
 
         # Decodes first, then prompts already part-way through prefill.
+        self._compact()
         decodes, partial = [], []
         for req in self.running:
-            left = req.num_tokens + req.num_pending - req.num_computed_tokens
+            left = len(req.token_ids) + req.num_pending - req.num_computed_tokens
             if left == 1:
-                decodes.append(req)
+                if req.num_output_tokens + req.num_pending < req.max_output:
+                    decodes.append(req)
+                # else: the token on its way is its last; a row for it would be wasted
             elif left > 1:
                 partial.append(req)
             # left == 0: its last token is on its way (a step in flight finishes it)
+        running = Status.RUNNING
+        for req in decodes:  # the common case, kept lean: 256 of these a step
+            if budget == 0:
+                break
+            if req.status is not running:
+                continue  # preempted earlier in this loop
+            c = req.num_computed_tokens
+            if c + 1 > len(req.block_ids) * bs and not self._grow_or_preempt(req, c + 1, scheduled, preempted):
+                continue  # preempted itself
+            req.num_computed_tokens = c + 1
+            req.num_pending += 1  # a decode always samples
+            scheduled[req.request_id] = ScheduledRequest(req, 1, c, True, req.num_preemptions)
+            budget -= 1
+        num_decode_tokens = self.config.max_num_batched_tokens - budget
         # A prompt beside decodes is fed in bounded chunks: it must not stretch their step.
         cap = self.config.long_prefill_token_threshold if decodes and self.config.enable_chunked_prefill else 0
         cap = cap if cap > 0 else budget
-        for req in decodes + partial if partial else decodes:
+        for req in partial:
             if budget == 0:
                 break
-            if req.status is not Status.RUNNING:
+            if req.status is not running:
                 continue  # preempted earlier in this loop
-            left = req.num_tokens + req.num_pending - req.num_computed_tokens
-            n = min(left, budget, cap)
-            if n > 1:
-                # A prompt mid-prefill takes the chunk that fits rather than evicting anyone.
-                fits = (len(req.block_ids) + self.allocator.num_free) * self.config.block_size
-                n = max(1, min(n, fits - req.num_computed_tokens))
-            while not self._grow(req, req.num_computed_tokens + n):
-                victim = self._pick_victim(exclude=scheduled)
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is Status.RUNNING:
+            left = len(req.token_ids) + req.num_pending - req.num_computed_tokens
+            # A prompt mid-prefill takes the chunk that fits rather than evicting anyone.
+            fits = (len(req.block_ids) + self.allocator.num_free) * bs
+            n = max(1, min(left, budget, cap, fits - req.num_computed_tokens))
+            if self._grow_or_preempt(req, req.num_computed_tokens + n, scheduled, preempted):
                 scheduled[req.request_id] = self._scheduled(req, n)
                 budget -= n
 
         # New requests, unless memory was just short (they would only be preempted again).
-        bs = self.config.block_size
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:
@@ -159,14 +176,20 @@ class Scheduler:
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
+            req.in_running = True
             scheduled[req.request_id] = self._scheduled(req, n)
             budget -= n
 
         items = list(scheduled.values())
+        num_decodes = len(items)
         if any(s.num_new_tokens > 1 for s in items):
             items.sort(key=lambda s: s.num_new_tokens > 1)
-        num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
-        return SchedulerOutput(items, num_decodes, preempted)
+            num_decodes = sum(1 for s in items if s.num_new_tokens == 1)
+        fills = []
+        if self.config.enable_prefix_caching:
+            fills = [s for s in items if s.end // bs > s.request.num_cached_blocks]
+        total = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(items, num_decodes, preempted, fills, total, num_decode_tokens)
 
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -181,7 +204,7 @@ class Scheduler:
         if not self.config.enable_prefix_caching:
             return
         bs = self.config.block_size
-        for s in sched.scheduled:
+        for s in sched.fills_blocks:
             req = s.request
             if req.status is not Status.RUNNING or s.epoch != req.num_preemptions:
                 continue  # finished, aborted or preempted since: its blocks are gone
@@ -201,6 +224,19 @@ class Scheduler:
         # The last token must run through the model so the request gets logits.
         return hits[: (req.num_tokens - 1) // self.config.block_size]
 
+    def _grow_or_preempt(
+        self, req: Request, num_tokens: int, scheduled: dict[str, ScheduledRequest], preempted: list[Request]
+    ) -> bool:
+        """Blocks for `num_tokens` tokens of `req`, preempting the newest unscheduled requests while
+        the pool is short; False if `req` itself had to go."""
+        while not self._grow(req, num_tokens):
+            victim = self._pick_victim(exclude=scheduled)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
     def _grow(self, req: Request, num_tokens: int) -> bool:
         """Make sure `req` owns blocks for `num_tokens` tokens; False if the pool is short."""
         need = blocks_needed(num_tokens, self.config.block_size) - len(req.block_ids)
@@ -214,12 +250,13 @@ class Scheduler:
     def _pick_victim(self, exclude: dict[str, ScheduledRequest]) -> Request:
         # The newest running request not yet scheduled this step loses its blocks.
         for req in reversed(self.running):
-            if req.request_id not in exclude:
+            if req.in_running and req.request_id not in exclude:
                 return req
         raise RuntimeError("no request left to preempt")  # the pool holds max_model_len, so unreachable
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        req.in_running = False
         self._free_blocks(req)
         req.num_computed_tokens = 0
         req.status = Status.WAITING

@@ -33,6 +33,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    g.add_argument(
+        "--long-prefill-token-threshold",
+        type=int,
+        default=None,
+        help="prompt tokens per step while others decode, so their token rate stays steady "
+        "(0: no cap; default: 8 on CPU, 512 on CUDA)",
+    )
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in MiB (CPU default 2048)")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
@@ -102,6 +109,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         max_model_len=a.max_model_len,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
+        long_prefill_token_threshold=a.long_prefill_token_threshold,
         gpu_memory_utilization=a.gpu_memory_utilization,
         kv_cache_memory_bytes=None if a.kv_cache_memory is None else a.kv_cache_memory << 20,
         load_format=a.load_format,
