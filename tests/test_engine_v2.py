@@ -287,3 +287,36 @@ def test_nothing_outside_the_engine_reaches_into_its_private_state():
             text = path.read_text()
             for needle in ("engine._", "engine.runner.", "engine.scheduler.", "engine.requests"):
                 assert needle not in text, f"{path.relative_to(ROOT)} uses {needle}"
+
+
+def test_a_reader_that_stops_reading_holds_one_merged_output_not_a_queue(tmp_path):
+    import asyncio
+    import time
+
+    from membound.server import AsyncEngine, SubRequest
+
+    llm = tiny_llm(tmp_path)
+    p = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True, logprobs=1, output_kind=RequestOutputKind.DELTA)
+    want = llm.generate([[1, 2, 3, 4]], p)[0].outputs[0]
+    engine = AsyncEngine(lambda: llm.engine, max_queued_requests=4)
+
+    async def main():
+        engine.start(asyncio.get_running_loop())
+        assert await asyncio.to_thread(engine.wait_loaded, 30)
+        stream = await engine.add([SubRequest("r", [1, 2, 3, 4], p, time.time())])
+        it = stream.__aiter__()
+        first = await it.__anext__()
+        await asyncio.sleep(1.0)  # the reader stalls; the engine finishes meanwhile
+        pending = stream._collector._pending  # inspected, not used: what a stalled reader holds
+        assert list(pending) == ["r"] and pending["r"].finished
+        rest = [o async for o in it]
+        assert len(rest) == 1  # one merged output, not 99 queued ones
+        got = first.outputs[0].token_ids + rest[0].outputs[0].token_ids
+        assert got == want.token_ids == first.delta_token_ids + rest[0].delta_token_ids
+        lps = first.outputs[0].logprobs + rest[0].outputs[0].logprobs
+        assert [x.logprob for x in lps] == [x.logprob for x in want.logprobs]
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()

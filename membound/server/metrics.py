@@ -51,6 +51,10 @@ class ServerMetrics:
         self.prefix_queries = counter("membound:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("membound:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.preemptions = counter("membound:num_preemptions", "Requests preempted for lack of KV blocks.")
+        self.steps = counter("membound:engine_steps", "Model steps launched.")
+        self.steps_ahead = counter(
+            "membound:engine_steps_launched_ahead", "Steps launched before the previous step's tokens reached the host."
+        )
         success = Counter(
             "membound:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=r
         )
@@ -100,6 +104,8 @@ class ServerMetrics:
         self.prefix_queries.inc(delta("prefix_cache_queries"))
         self.prefix_hits.inc(delta("prefix_cache_hits"))
         self.preemptions.inc(delta("num_preemptions"))
+        self.steps.inc(delta("num_steps"))
+        self.steps_ahead.inc(delta("num_steps_launched_ahead"))
         self._last_stats = stats
 
     # ---------------------------------------------------------------- HTTP side
