@@ -9,26 +9,13 @@ from __future__ import annotations
 import torch
 
 from membound.attention.base import AttentionMetadata
-from membound.attention.torch_paged import write_kv
+from membound.attention.torch_paged import TorchPagedAttention
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(TorchPagedAttention):
+    """The PyTorch backend's K/V write (`forward` = write, then `attend`), the Triton kernels' attention."""
+
     name = "triton"
-
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
-        return self.attend(q, k_cache, v_cache, meta, scale, sliding_window, kv_scales)
 
     def attend(
         self,
