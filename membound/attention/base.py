@@ -78,3 +78,69 @@ class AttentionBackend(Protocol):
         sliding_window: int | None,
         kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...
+
+
+@dataclasses.dataclass
+class GraphMetadataBuffers:
+    """Static metadata tensors a captured decode graph reads; a replay copies each step's into them."""
+
+    slot_mapping: torch.Tensor  # [max_batch] int64, padding rows: the pad block's first slot
+    block_tables: torch.Tensor  # [max_batch, max_blocks] int32
+    seq_lens: torch.Tensor  # [max_batch] int32, padding rows: 1
+    query_start_loc: torch.Tensor  # [max_batch + 1] int32: one query token per row
+    pad_block: int
+    block_size: int
+
+
+class PagedAttentionBase:
+    """What every backend shares: metadata is prepared here (one place), and the CUDA-graph
+    hooks keep it in static buffers. A backend that needs its own planning per step (say,
+    FlashInfer's) overrides these three methods; the runner and the graphs call nothing else."""
+
+    name: str
+
+    def prepare_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        num_decodes: int,
+        seq_lens_host: tuple[int, ...],
+        query_start_loc_host: tuple[int, ...],
+    ) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping, block_tables, seq_lens, query_start_loc, num_decodes, seq_lens_host, query_start_loc_host
+        )
+
+    def init_graph_buffers(
+        self, max_batch: int, max_blocks: int, block_size: int, pad_block: int, device: torch.device
+    ) -> GraphMetadataBuffers:
+        return GraphMetadataBuffers(
+            slot_mapping=torch.full((max_batch,), pad_block * block_size, dtype=torch.int64, device=device),
+            block_tables=torch.full((max_batch, max_blocks), pad_block, dtype=torch.int32, device=device),
+            seq_lens=torch.ones(max_batch, dtype=torch.int32, device=device),
+            query_start_loc=torch.arange(max_batch + 1, dtype=torch.int32, device=device),
+            pad_block=pad_block,
+            block_size=block_size,
+        )
+
+    def graph_metadata(self, buf: GraphMetadataBuffers, bs: int, seq_lens_host: tuple[int, ...]) -> AttentionMetadata:
+        """Metadata over the first bs static rows: what a graph is captured (and eagerly run) with."""
+        return self.prepare_metadata(
+            buf.slot_mapping[:bs], buf.block_tables[:bs], buf.seq_lens[:bs], buf.query_start_loc[: bs + 1],
+            bs, seq_lens_host, tuple(range(bs + 1)),
+        )  # fmt: skip
+
+    def prepare_for_replay(self, buf: GraphMetadataBuffers, meta: AttentionMetadata, bs: int) -> None:
+        """Copy a decode step's metadata into the static rows, padding rows n..bs into the pad block.
+        Block-table columns past a row's length may keep an earlier step's entries: no kernel reads them."""
+        n = meta.num_seqs
+        width = meta.block_tables.shape[1]
+        buf.slot_mapping[:n].copy_(meta.slot_mapping)
+        buf.seq_lens[:n].copy_(meta.seq_lens)
+        buf.block_tables[:n, :width].copy_(meta.block_tables)
+        if bs > n:
+            buf.slot_mapping[n:bs].fill_(buf.pad_block * buf.block_size)
+            buf.seq_lens[n:bs].fill_(1)
+            buf.block_tables[n:bs, 0].fill_(buf.pad_block)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from membound.attention.base import AttentionMetadata
+from membound.attention.base import AttentionMetadata, PagedAttentionBase
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -141,7 +141,7 @@ def prefill_attention(
 DECODE_GATHER_TOKENS = 1 << 16
 
 
-class TorchPagedAttention:
+class TorchPagedAttention(PagedAttentionBase):
     """Runs anywhere PyTorch runs; decodes are batched, prefills go one sequence at a time."""
 
     name = "torch"

@@ -98,7 +98,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
 
     kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, kv_dtype)
     # Allocated before profiling, so the memory plan sees its per-slot rows as used.
-    input_batch = InputBatch(config.max_num_seqs, max_model_len, config.block_size, mc.vocab_size, device)
+    input_batch = InputBatch(config.max_num_seqs, max_model_len, config.block_size, mc.vocab_size, device, backend)
     # CUDA graphs need static shapes and no host syncs inside the forward: the Triton path has both.
     use_graphs = device.type == "cuda" and not config.enforce_eager and backend.name == "triton"
     activation_peak = profile_activation_peak(model, kv_spec, config, max_model_len, device)
@@ -196,7 +196,7 @@ def profile_activation_peak(model, kv_spec: KVCacheSpec, config: EngineConfig, m
     table_row = [i % scratch for i in range(blocks_needed(max_model_len, bs))]
 
     def meta(q_lens: list[int]) -> AttentionMetadata:
-        return synthetic_metadata(q_lens, max_model_len, table_row, bs, device)
+        return synthetic_metadata(model.attention_backend, q_lens, max_model_len, table_row, bs, device)
 
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)

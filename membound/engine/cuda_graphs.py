@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from membound.attention.base import AttentionMetadata
-
 if TYPE_CHECKING:
     from membound.engine.input_batch import ModelInputs
 
@@ -70,10 +68,9 @@ class DecodeGraphs:
         # Static inputs every graph reads; a step copies its (device) inputs in, device to device.
         self.ids = torch.zeros(b, dtype=torch.int64, device=device)
         self.positions = torch.zeros(b, dtype=torch.int64, device=device)
-        self.slots = torch.full((b,), pad_block * block_size, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)
-        self.table = torch.full((b, w), pad_block, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=device)
+        # The attention metadata's static twin belongs to the backend (its capture/replay hooks).
+        self.backend = model.attention_backend
+        self.meta_buffers = self.backend.init_graph_buffers(b, w, block_size, pad_block, device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.hidden: dict[int, torch.Tensor] = {}  # each size's output; logits are computed outside
         self.pool = None
@@ -88,15 +85,7 @@ class DecodeGraphs:
 
         Logits stay outside the graph: a [bs, vocab] fp32 output per captured size would hold
         gigabytes for a 128K vocabulary, and the LM head then skips the padding rows."""
-        meta = AttentionMetadata(
-            slot_mapping=self.slots[:bs],
-            block_tables=self.table[:bs],
-            seq_lens=self.seq_lens[:bs],
-            query_start_loc=self.query_start_loc[: bs + 1],
-            num_decodes=bs,
-            seq_lens_host=seq_lens_host,
-            query_start_loc_host=tuple(range(bs + 1)),
-        )
+        meta = self.backend.graph_metadata(self.meta_buffers, bs, seq_lens_host)
         return self.model(self.ids[:bs], self.positions[:bs], self.kv_caches, meta)
 
     @torch.inference_mode()
@@ -129,7 +118,8 @@ class DecodeGraphs:
                 self.pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
-        static = sum(t.numel() * t.element_size() for t in (self.ids, self.positions, self.slots, self.table))
+        mb = self.meta_buffers
+        static = sum(t.numel() * t.element_size() for t in (self.ids, self.positions, mb.slot_mapping, mb.block_tables))
         self.graph_bytes = torch.cuda.memory_reserved(self.device) - before + static
         log.info(
             "captured %d CUDA graphs (batch %s) in %.1fs, %.1f MiB",
@@ -148,18 +138,12 @@ class DecodeGraphs:
         meta = inputs.meta
         n = meta.num_seqs
         bs = padded_size(self.ladder, n)
-        width = meta.block_tables.shape[1]
         self.ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
-        self.slots[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.table[:n, :width].copy_(meta.block_tables)
         if bs > n:
             self.ids[n:bs].zero_()
             self.positions[n:bs].zero_()
-            self.slots[n:bs].fill_(self.pad_block * self.block_size)
-            self.seq_lens[n:bs].fill_(1)
-            self.table[n:bs, 0].fill_(self.pad_block)
+        self.backend.prepare_for_replay(self.meta_buffers, meta, bs)
         graph = self.graphs.get(bs)
         if graph is not None:
             graph.replay()

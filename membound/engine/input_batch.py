@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from membound.attention.base import AttentionMetadata
+from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.engine.request import SAMPLES, SPECIAL, TRUNCATES, Request
 from membound.engine.sampler import SamplingBatch
 from membound.engine.scheduler import SchedulerOutput
@@ -117,7 +117,9 @@ class InputBatch:
         block_size: int,
         vocab_size: int,
         device: torch.device,
+        backend: AttentionBackend,
     ) -> None:
+        self.backend = backend  # prepares the attention metadata from this batch's tensors
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.device = device
@@ -255,7 +257,7 @@ class InputBatch:
             lens, qsl, rslots, lrows, sslots = take(b), take(b + 1), take(b), take(n_s), take(n_s)
         input_ids = torch.where(raw_ids == PENDING, self.token_pool[tok_slot], raw_ids)
         slot_mapping = self.block_table[tok_slot, pos // bs].long() * bs + pos % bs
-        meta = AttentionMetadata(
+        meta = self.backend.prepare_metadata(
             slot_mapping=slot_mapping,
             block_tables=self.block_table[rslots, :width],
             seq_lens=lens.to(torch.int32),

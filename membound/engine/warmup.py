@@ -18,7 +18,7 @@ from membound.engine.kv_cache import blocks_needed
 
 
 def synthetic_metadata(
-    q_lens: list[int], seq_len: int, table_row: list[int], block_size: int, device: torch.device
+    backend, q_lens: list[int], seq_len: int, table_row: list[int], block_size: int, device: torch.device
 ) -> AttentionMetadata:
     """Metadata for start-up runs: each sequence has seq_len tokens, its last q_len new, all
     sharing one block-table row (sequences of 1 query token come first, as the runner orders them)."""
@@ -27,7 +27,7 @@ def synthetic_metadata(
         starts.append(starts[-1] + q)
     bs = block_size
     slots = [table_row[p // bs] * bs + p % bs for q in q_lens for p in range(seq_len - q, seq_len)]
-    return AttentionMetadata(
+    return backend.prepare_metadata(
         slot_mapping=torch.tensor(slots, device=device),
         block_tables=torch.tensor([table_row] * len(q_lens), dtype=torch.int32, device=device),
         seq_lens=torch.tensor([seq_len] * len(q_lens), dtype=torch.int32, device=device),
@@ -61,7 +61,7 @@ def warm_up_kernels(
         for q_lens in ([1] * rows, [m]) if 1 < m <= cap else ([1] * rows,):
             length = min(cap, max(seq_len, m))
             need = blocks_needed(length, block_size)
-            meta = synthetic_metadata(q_lens, length, list(range(need)), block_size, device)
+            meta = synthetic_metadata(model.attention_backend, q_lens, length, list(range(need)), block_size, device)
             positions = [p for q in q_lens for p in range(length - q, length)]
             ids = torch.zeros(len(positions), dtype=torch.int64, device=device)
             hidden = model(ids, torch.tensor(positions, device=device), kv_caches, meta)

@@ -113,6 +113,7 @@ class LlamaForCausalLM(nn.Module):
         exactly when `backend` is the Triton attention backend (membound.layers.choose_layer_kernels)."""
         super().__init__()
         self.config = cfg
+        self.attention_backend = backend  # its metadata and graph hooks are the runner's to use
         self.layer_kernels = layer_kernels or choose_layer_kernels("auto", backend.name)
         kernels = self.layer_kernels
         self.rope = RotaryEmbedding(rope_inv_freq(cfg, rope_freq_factors), max_positions)
