@@ -320,3 +320,46 @@ def test_a_reader_that_stops_reading_holds_one_merged_output_not_a_queue(tmp_pat
         asyncio.run(main())
     finally:
         engine.stop()
+
+
+def test_a_step_interrupted_while_waiting_ends_its_requests_instead_of_hanging(tmp_path):
+    llm = tiny_llm(tmp_path, async_scheduling=True)
+    eng = llm.engine
+    eng.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    fetch, calls = eng.runner.fetch, []
+
+    def interrupted(step):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return fetch(step)
+
+    eng.runner.fetch = interrupted
+    outs = []
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(10):
+            outs += eng.step()
+    for _ in range(10):
+        outs += eng.step()
+    assert not eng.has_unfinished_requests() and not eng.request_ids()
+    assert eng.stats().num_free_blocks == eng.stats().num_total_blocks
+
+
+def test_the_prefill_cap_is_per_step_for_all_prompts_together(tmp_path):
+    llm = tiny_llm(tmp_path, blocks=64, max_num_batched_tokens=96, max_num_seqs=8, long_prefill_token_threshold=10)
+    eng = llm.engine
+    eng.add_request("d", [1, 2, 3], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    eng.step()
+    for i in range(4):
+        eng.add_request(f"p{i}", [i + 1] * 30, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    schedule, prefill = eng.scheduler.schedule, []
+
+    def spy():
+        sched = schedule()
+        prefill.append(sum(s.num_new_tokens for s in sched.scheduled if s.start < len(s.request.prompt_token_ids)))
+        return sched
+
+    eng.scheduler.schedule = spy
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert max(prefill) == 10 and sum(prefill) == 4 * 30  # distinct prompts: no prefix hits

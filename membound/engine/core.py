@@ -94,9 +94,13 @@ class EngineCore:
         for done in (prev, None if self.async_scheduling else launched):
             if done is not None:
                 w = time.perf_counter()
-                result = self.runner.fetch(done)
-                wait += time.perf_counter() - w
-                outputs += self._process(done, result)
+                try:
+                    result = self.runner.fetch(done)
+                    wait += time.perf_counter() - w
+                    outputs += self._process(done, result)
+                except BaseException as e:
+                    self._abandon(done, e)  # its tokens are lost: nobody may wait for them forever
+                    raise
         t3 = time.perf_counter()
         self.last_timing = StepTiming(
             schedule=t1 - t0,
@@ -120,6 +124,7 @@ class EngineCore:
         if result is not None:
             want_lp = result.logprobs is not None
             for row, req in enumerate(step.sampling):
+                step.rows_done = row + 1
                 req.num_pending -= 1
                 if req.is_finished:
                     continue  # aborted, or finished by an earlier token: a wasted row
@@ -146,6 +151,16 @@ class EngineCore:
         self.generation_tokens += n_tokens
         self.prompt_tokens_computed += step.sched.num_tokens - step.sched.num_decode_tokens
         return outputs
+
+    def _abandon(self, step: LaunchedStep, error: BaseException) -> None:
+        """A step whose result could not be processed (say, interrupted while waiting): the
+        requests whose tokens it held end with an error instead of waiting for them forever."""
+        for req in step.sampling[step.rows_done :]:
+            req.num_pending -= 1
+            if not req.is_finished:
+                fail(req, error)
+                self.requests.pop(req.request_id, None)
+                self._release(req)
 
     def _release(self, req: Request) -> None:
         self.scheduler.remove(req)

@@ -156,6 +156,7 @@ class InputBatch:
         req.slot = slot
         self._req_of_slot[slot] = req
         self._synced_blocks[slot] = 0
+        req.set_sampling_flags(self.vocab_size)
         p = req.params
         new_params.append((slot, p.temperature, p.top_p, p.min_p, p.top_k if p.top_k > 0 else self.vocab_size))
         if p.uses_penalties:

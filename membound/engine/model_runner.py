@@ -67,6 +67,7 @@ class LaunchedStep:
     pending: tuple[torch.Tensor, torch.cuda.Event | None] | None
     prepare_s: float = 0.0  # host time building the inputs
     launch_s: float = 0.0  # forward + sampling: launch time on CUDA, compute time on CPU
+    rows_done: int = 0  # sampling rows the core has processed (the rest are abandoned if it fails)
 
 
 class ModelRunner:

@@ -39,6 +39,7 @@ class Request:
         "num_pending",
         "slot",
         "in_running",
+        "prefilled",
         "block_ids",
         "block_hashes",
         "num_cached_blocks",
@@ -80,6 +81,7 @@ class Request:
         self.num_pending = 0  # tokens sampled by launched steps, not yet appended
         self.slot: int | None = None  # row of the persistent input batch while running
         self.in_running = False  # in the scheduler's running list (the scheduler keeps this)
+        self.prefilled = False  # its prompt (or recompute) is done: it decodes one token a step
         self.block_ids: list[int] = []
         self.block_hashes: list[bytes] = []  # chained content hashes of full blocks of token_ids
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
@@ -98,11 +100,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why it ended, when finish_reason is "error"
         self.num_preemptions = 0
-        p = params
-        truncates = p.top_p < 1 or p.min_p > 0 or p.top_k > 0
-        self.sampling_flags = (SAMPLES | (TRUNCATES if truncates else 0)) if p.temperature > 0 else 0
-        if p.uses_penalties or p.min_tokens or p.logprobs is not None or generator is not None:
-            self.sampling_flags |= SPECIAL
+        self.sampling_flags = 0  # set by the input batch, which knows the vocabulary
 
     @property
     def num_tokens(self) -> int:
@@ -126,6 +124,13 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    def set_sampling_flags(self, vocab_size: int) -> None:
+        p = self.params
+        truncates = p.top_p < 1 or p.min_p > 0 or 0 < p.top_k < vocab_size
+        self.sampling_flags = (SAMPLES | (TRUNCATES if truncates else 0)) if p.temperature > 0 else 0
+        if p.uses_penalties or p.min_tokens or p.logprobs is not None or self.generator is not None:
+            self.sampling_flags |= SPECIAL
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
         self.status = Status.FINISHED

@@ -113,12 +113,12 @@ class Scheduler:
         decodes, partial = [], []
         for req in self.running:
             left = len(req.token_ids) + req.num_pending - req.num_computed_tokens
-            if left == 1:
+            if left == 1 and req.prefilled:
                 if req.num_output_tokens + req.num_pending < req.max_output:
                     decodes.append(req)
                 # else: the token on its way is its last; a row for it would be wasted
-            elif left > 1:
-                partial.append(req)
+            elif left >= 1:
+                partial.append(req)  # prompt (or recompute) tokens, the last one included
             # left == 0: its last token is on its way (a step in flight finishes it)
         running = Status.RUNNING
         for req in decodes:  # the common case, kept lean: 256 of these a step
@@ -134,11 +134,12 @@ class Scheduler:
             scheduled[req.request_id] = ScheduledRequest(req, 1, c, True, req.num_preemptions)
             budget -= 1
         num_decode_tokens = self.config.max_num_batched_tokens - budget
-        # A prompt beside decodes is fed in bounded chunks: it must not stretch their step.
+        # Prompts beside decodes are fed in bounded chunks: together they get at most `cap` tokens
+        # a step, so they do not stretch the decodes' step.
         cap = self.config.long_prefill_token_threshold if decodes and self.config.enable_chunked_prefill else 0
         cap = cap if cap > 0 else budget
         for req in partial:
-            if budget == 0:
+            if budget == 0 or cap == 0:
                 break
             if req.status is not running:
                 continue  # preempted earlier in this loop
@@ -149,9 +150,10 @@ class Scheduler:
             if self._grow_or_preempt(req, req.num_computed_tokens + n, scheduled, preempted):
                 scheduled[req.request_id] = self._scheduled(req, n)
                 budget -= n
+                cap -= n
 
         # New requests, unless memory was just short (they would only be preempted again).
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and min(budget, cap) > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token still on its way: recompute once it has arrived
@@ -179,6 +181,7 @@ class Scheduler:
             req.in_running = True
             scheduled[req.request_id] = self._scheduled(req, n)
             budget -= n
+            cap -= n
 
         items = list(scheduled.values())
         num_decodes = len(items)
@@ -197,6 +200,7 @@ class Scheduler:
         samples = req.num_computed_tokens == req.num_tokens + req.num_pending
         if samples:
             req.num_pending += 1
+            req.prefilled = True  # from now on it decodes
         return ScheduledRequest(req, n, start, samples, req.num_preemptions)
 
     def commit(self, sched: SchedulerOutput) -> None:
@@ -257,6 +261,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         req.in_running = False
+        req.prefilled = False
         self._free_blocks(req)
         req.num_computed_tokens = 0
         req.status = Status.WAITING

@@ -20,11 +20,12 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         host = values
     elif isinstance(values, list) and dtype in _ARRAY_CODES and (not values or not isinstance(values[0], list | tuple)):
         # A flat list through array.array: ~4x faster than torch.tensor's per-element conversion.
-        host = (
-            torch.frombuffer(array.array(_ARRAY_CODES[dtype], values), dtype=dtype)
-            if values
-            else torch.empty(0, dtype=dtype)
-        )
+        try:
+            host = torch.frombuffer(array.array(_ARRAY_CODES[dtype], values), dtype=dtype) if values else None
+        except TypeError:  # floats for an integer dtype: torch.tensor truncates them
+            host = torch.tensor(values, dtype=dtype)
+        if host is None:
+            host = torch.empty(0, dtype=dtype)
     else:
         host = torch.tensor(values, dtype=dtype)
     if device.type != "cuda":
