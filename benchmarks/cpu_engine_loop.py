@@ -61,6 +61,7 @@ def tiny(d: pathlib.Path, tokenizer: bool = False, **kw) -> LLM:
 def host_per_step(root: pathlib.Path, n: int, steps: int, sampling: dict) -> dict:
     llm = tiny(root / f"h{n}", max_model_len=512, max_num_seqs=256, max_num_batched_tokens=4096,
                kv_cache_memory_bytes=256 << 20, async_scheduling=False)  # fmt: skip
+    # (LLM: no prefill cap, so every sequence decodes from the third step on)
     eng = llm.engine
     for i in range(n):
         p = SamplingParams(**sampling, seed=i, max_tokens=steps + 20, ignore_eos=True,

@@ -40,9 +40,10 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    # While sequences decode, a prompt is fed at most this many tokens per step (chunked prefill
-    # only), so one long prompt does not stretch their inter-token latency. None: the default
-    # (DEFAULT_LONG_PREFILL_THRESHOLD, chosen by benchmarks/cpu_prefill_interference.py); 0: off.
+    # While sequences decode, prompts get at most this many tokens per step together (chunked
+    # prefill only), so a long prompt does not stretch their inter-token latency. None: the
+    # device's default (DEFAULT_LONG_PREFILL_THRESHOLD, chosen by
+    # benchmarks/cpu_prefill_interference.py); 0: off (what `LLM`, the offline API, uses).
     long_prefill_token_threshold: int | None = None
     seed: int = 0
     load_format: str = "auto"  # "auto" or "dummy" (random weights)

@@ -95,8 +95,6 @@ LLAMA3_ROPE = {
 def tiny_llm(tmp_path: pathlib.Path, blocks: int = 64, **kw) -> LLM:
     """A dummy-weight engine on write_tiny_config's shape with a KV pool of exactly `blocks` blocks."""
     path = write_tiny_config(tmp_path / "cfg")
-    # Scheduling tests reason about the step budget; the chunk cap beside decodes is tested on its own.
-    kw.setdefault("long_prefill_token_threshold", 0)
     return LLM(
         str(path),
         load_format="dummy",

@@ -38,7 +38,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="prompt tokens per step while others decode, so their token rate stays steady "
-        "(0: no cap; default: 8 on CPU, 512 on CUDA)",
+        "(0: no cap; default for serve: 8 on CPU, 512 on CUDA)",
     )
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="share of GPU memory to use")
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache budget in MiB (CPU default 2048)")

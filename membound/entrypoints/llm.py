@@ -25,6 +25,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args) -> None:
+        # Offline, nobody reads tokens as they come: prompts go in at the full step budget
+        # (the server keeps the device's default cap, so streams keep their token rate).
+        engine_args.setdefault("long_prefill_token_threshold", 0)
         self.engine = LLMEngine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
