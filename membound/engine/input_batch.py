@@ -256,7 +256,8 @@ class InputBatch:
 
             raw_ids, pos, tok_slot = take(t_len), take(t_len), take(t_len)
             lens, qsl, rslots, lrows, sslots = take(b), take(b + 1), take(b), take(n_s), take(n_s)
-        input_ids = torch.where(raw_ids == PENDING, self.token_pool[tok_slot], raw_ids)
+        # Gather from the token pool only when a launched step holds some input (async scheduling).
+        input_ids = torch.where(raw_ids == PENDING, self.token_pool[tok_slot], raw_ids) if PENDING in ids else raw_ids
         slot_mapping = self.block_table[tok_slot, pos // bs].long() * bs + pos % bs
         meta = self.backend.prepare_metadata(
             slot_mapping=slot_mapping,
