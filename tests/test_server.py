@@ -449,3 +449,27 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(tiny_server):
     assert not failures, failures[:5]
     assert statuses.count(200) >= 10 and statuses.count(400) >= 10, sorted(statuses)  # both kinds were exercised
     assert httpx.get(f"{tiny_server.url}/health").status_code == 200  # the engine survived
+
+
+def test_lone_surrogates_are_a_400_naming_the_field_and_the_connection_lives_on(tiny_server):
+    bodies = [
+        ("/v1/completions", {"prompt": "hi \ud800 there"}, "prompt"),
+        ("/v1/completions", {"prompt": ["fine", "bad \udfff"]}, "prompt"),
+        ("/v1/completions", {"prompt": "x\ud83d", "stream": True}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "\udc00"}], "stream": True},
+            "messages[1].content",
+        ),
+    ]
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    with httpx.Client(base_url=tiny_server.url, headers=headers, timeout=60) as h:  # one keep-alive connection
+        for path, body, field in bodies:
+            # json.dumps writes the lone surrogate as the escape \ud800, which the server decodes back
+            r = h.post(path, content=json.dumps({"model": "tiny", "max_tokens": 2, **body}))
+            assert r.status_code == 400, (path, body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == field and "lone surrogate" in err["message"]
+            ok = h.post("/v1/completions", content=json.dumps({"model": "tiny", "prompt": "fine", "max_tokens": 2}))
+            assert ok.status_code == 200

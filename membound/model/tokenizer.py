@@ -48,7 +48,8 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, field: str = "prompt") -> list[int]:
+        check_text(text, field)
         return self.hf.encode(text)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -60,6 +61,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError(f"messages[{i}] must have a string 'role' and a string 'content'")
+            check_text(m["role"], f"messages[{i}].role")
+            check_text(m["content"], f"messages[{i}].content")
         if not self.hf.chat_template:
             raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt")
         try:
@@ -97,6 +100,19 @@ class Tokenizer:
 
     def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
         return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+
+def check_text(text: str, field: str) -> None:
+    """Text the tokenizer cannot take (a lone surrogate from a JSON "\\ud800" escape) is the
+    client's error, named by field, not a TypeError deep inside the Rust tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(
+            f"{field} is not valid Unicode text: U+{ord(text[e.start]):04X} at character {e.start} is a lone "
+            "surrogate (a UTF-16 half); send UTF-8 text or a properly paired escape",
+            param=field,
+        ) from None
 
 
 def tokenizer_cache_dir() -> pathlib.Path:
