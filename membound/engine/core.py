@@ -30,7 +30,6 @@ class StepTiming:
     launch: float = 0.0  # forward + sampling calls
     wait: float = 0.0  # for the processed step's result
     output: float = 0.0  # append, detokenize, stop checks, RequestOutputs
-    num_scheduled: int = 0
 
     @property
     def host(self) -> float:
@@ -108,7 +107,6 @@ class EngineCore:
             launch=launched.launch_s if launched else 0.0,
             wait=wait,
             output=t3 - t2 - wait,
-            num_scheduled=len(sched.scheduled),
         )
         return outputs
 

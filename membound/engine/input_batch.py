@@ -15,7 +15,7 @@ import torch
 
 from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.engine.request import SAMPLES, SPECIAL, TRUNCATES, Request
-from membound.engine.sampler import SamplingBatch
+from membound.engine.sampler import SamplingBatch, apply_penalties
 from membound.engine.scheduler import SchedulerOutput
 from membound.engine.transfer import to_device
 
@@ -93,14 +93,10 @@ class StepPenalties:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.store
-        sub = logits[self.rows]
         w = s.weights[self.prows]
-        rep, presence, frequency = w[:, 0:1], w[:, 1:2], w[:, 2:3]
-        counts, seen = s.counts[self.prows], s.seen[self.prows]
-        # Repetition (CTRL / HF): divide positive logits, multiply negative ones.
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        # Presence / frequency (OpenAI): subtract per output occurrence.
-        sub = sub - frequency * counts - presence * (counts > 0).float()
+        sub = apply_penalties(
+            logits[self.rows], s.seen[self.prows], s.counts[self.prows], w[:, 0:1], w[:, 1:2], w[:, 2:3]
+        )
         return logits.index_copy(0, self.rows, sub)
 
     def record(self, ids: torch.Tensor) -> None:
@@ -133,11 +129,6 @@ class InputBatch:
         self.penalties = PenaltyRows(vocab_size, max_num_seqs, device)
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))
         self._synced_blocks = [0] * max_num_seqs  # block-table entries written per slot
-        self._req_of_slot: list[Request | None] = [None] * max_num_seqs
-
-    @property
-    def num_active(self) -> int:
-        return sum(r is not None for r in self._req_of_slot)
 
     def release(self, req: Request) -> None:
         """The request left the batch (finished, aborted, preempted): its slot is free again.
@@ -147,14 +138,12 @@ class InputBatch:
         if slot is None:
             return
         req.slot = None
-        self._req_of_slot[slot] = None
         self.penalties.release(slot)
         self._free_slots.append(slot)
 
     def _admit(self, req: Request, new_params: list) -> int:
         slot = self._free_slots.pop()
         req.slot = slot
-        self._req_of_slot[slot] = req
         self._synced_blocks[slot] = 0
         req.set_sampling_flags(self.vocab_size)
         p = req.params
@@ -215,8 +204,7 @@ class InputBatch:
             samples.append(s.samples)
         if all(samples):
             sampling = [s.request for s in scheduled]
-            logits_rows = starts[1:]
-            logits_rows = [x - 1 for x in logits_rows]
+            logits_rows = [x - 1 for x in starts[1:]]
             sample_slots = row_slots
         else:
             rows = [i for i, x in enumerate(samples) if x]

@@ -105,15 +105,26 @@ class Penalties:
         )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        # Repetition (CTRL / HF): divide positive logits, multiply negative ones.
-        rep = torch.where(logits > 0, logits / self.repetition, logits * self.repetition)
-        logits = torch.where(self.seen, rep, logits)
-        # Presence / frequency (OpenAI): subtract per output occurrence.
-        logits = logits - self.frequency * self.output_counts
-        return logits - self.presence * (self.output_counts > 0).float()
+        return apply_penalties(logits, self.seen, self.output_counts, self.repetition, self.presence, self.frequency)
 
     def record(self, ids: torch.Tensor) -> None:
         """Built from the token lists each step: nothing to carry over."""
+
+
+def apply_penalties(
+    logits: torch.Tensor,  # [B, V]
+    seen: torch.Tensor,  # [B, V] bool: in the prompt or the output
+    output_counts: torch.Tensor,  # [B, V] how often each token was generated
+    repetition: torch.Tensor,  # [B, 1]
+    presence: torch.Tensor,  # [B, 1]
+    frequency: torch.Tensor,  # [B, 1]
+) -> torch.Tensor:
+    # Repetition (CTRL / HF): divide positive logits, multiply negative ones.
+    rep = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, rep, logits)
+    # Presence / frequency (OpenAI): subtract per output occurrence.
+    logits = logits - frequency * output_counts
+    return logits - presence * (output_counts > 0).float()
 
 
 @dataclasses.dataclass
