@@ -30,7 +30,9 @@ class EngineConfig:
     """
 
     model: str | None = None
-    dtype: str = "auto"  # auto: fp32 on CPU, bf16 on CUDA (fp16 if bf16 is unsupported)
+    # auto: bf16 on CUDA (fp16 if bf16 is unsupported); on CPU bf16 where the CPU has bf16 in hardware
+    # and the weights run on the packed kernels (which take bf16), else fp32 (see resolve_dtype).
+    dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     block_size: int = 16
@@ -57,6 +59,9 @@ class EngineConfig:
     quantization: str | None = "auto"
     # auto: the run dtype; fp8: float8 e4m3 (scale 1); int8: codes + an fp32 scale per token and head
     kv_cache_dtype: str = "auto"
+    # CPU intra-op threads. None: the cores this process may use (affinity mask, cgroup quota), one
+    # fewer while other processes keep one busy (membound/cpu.py ThreadGovernor); N: exactly N.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -70,6 +75,8 @@ class EngineConfig:
             positive("max_model_len")
         if self.kv_cache_memory_bytes is not None:
             positive("kv_cache_memory_bytes")
+        if self.num_threads is not None:
+            positive("num_threads")
         t = self.long_prefill_token_threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 0):
             raise ConfigError(f"long_prefill_token_threshold must be a non-negative integer (0: off), got {t!r}")
@@ -111,9 +118,15 @@ class EngineConfig:
             raise ConfigError("device=cuda was asked for but this torch build sees no CUDA GPU")
         return dev
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
+    def torch_dtype(self, device: torch.device, packed_weights: bool = False) -> torch.dtype:
+        """The run dtype. packed_weights: the decoder's matrices run on the packed int4/int8 CPU
+        kernels (a GGUF's blocks, or int4/int8), which compute in bf16 whatever they are given."""
         if self.dtype != "auto":
             return DTYPES[self.dtype]
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        from membound.cpu import has_native_bf16
+
+        # bf16 end to end saves a cast on each side of every packed matmul and halves the bytes of
+        # every other op; without hardware bf16, PyTorch emulates it and fp32 is faster.
+        return torch.bfloat16 if packed_weights and has_native_bf16() else torch.float32

@@ -274,7 +274,7 @@ def loaded_weight_bytes(model: nn.Module, tied: bool) -> WeightBytes:
     when it is not also the LM head; matmul parameters of every matrix a token goes through."""
     from torch import nn
 
-    from membound.quant.linear import QuantLinear, linear_weight_bytes
+    from membound.quant.linear import Int8Embedding, QuantLinear, linear_weight_bytes
 
     stored, macs = linear_weight_bytes(model)  # macs: the quantized layers'
     emb = getattr(model, "embed_tokens", None)
@@ -284,6 +284,14 @@ def loaded_weight_bytes(model: nn.Module, tied: bool) -> WeightBytes:
     elif isinstance(emb, QuantLinear):  # kept packed (Int8Embedding): a lookup reads a few rows
         embed_bytes, embed_params = emb.weight_nbytes(), emb.in_features * emb.out_features
     dense = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    planes = emb.planes_nbytes() if isinstance(emb, Int8Embedding) and tied else 0
+    if planes:  # the tied head multiplies by its nibble planes; the int8 table serves lookups only
+        parts = [
+            TensorBytes("embed_tokens", embed_bytes - planes, embedding=True),
+            TensorBytes("lm_head (nibble planes of embed_tokens)", planes, embed_params),
+            TensorBytes("everything else", stored - embed_bytes, macs + dense),
+        ]
+        return weight_bytes(parts, tied=False)
     parts = [
         TensorBytes("embed_tokens", embed_bytes, embedding=True, embedding_params=embed_params),
         TensorBytes("everything else", stored - embed_bytes, macs + dense),

@@ -10,6 +10,7 @@ import pathlib
 
 import pytest
 
+from membound import costs
 from membound.entrypoints.cli import main
 from membound.errors import ConfigError
 from membound.model.registry import PRESETS, default_model_path
@@ -253,8 +254,14 @@ def test_doctor_runs_for_real_on_this_cpu(capsys, smollm2):
     # The bound is the packed default's own weight bytes over the measured bandwidth: the
     # engine's, not the fp32 parameter count (538 MB) the doctor once divided by.
     data = checks["CPU decode bound"]["data"]
-    engine_bytes = smollm2.engine.memory.weight_bytes
-    assert data["weight_bytes_per_token"] == engine_bytes == linear_weight_bytes(smollm2.engine.model)[0]
+    engine_bytes = doctor.engine_weight_bytes_per_step(smollm2.engine)
+    planes = smollm2.engine.model.embed_tokens.planes_nbytes()  # the head reads these, not the int8 table
+    table = smollm2.engine.model.embed_tokens.weight_nbytes() - planes
+    assert (
+        data["weight_bytes_per_token"]
+        == engine_bytes
+        == linear_weight_bytes(smollm2.engine.model)[0] - (table if planes else 0)
+    )
     assert data["bound_tok_s"] == pytest.approx(data["bandwidth_gbs"] * 1e9 / engine_bytes, rel=1e-12)
     assert bound == pytest.approx(data["bound_tok_s"], abs=0.06)  # the decode check's reference, as printed
 
@@ -263,13 +270,17 @@ def test_doctor_decode_bound_is_engine_weight_bytes_over_bandwidth(smollm2):
     engine = smollm2.engine
     assert engine.quantization == "gguf"  # the default: the file's Q4_1 / Q8_0 blocks kept packed
     nbytes = doctor.engine_weight_bytes_per_step(engine)
-    assert nbytes == engine.memory.weight_bytes == linear_weight_bytes(engine.model)[0]  # tied: all of it streams
+    planes = engine.model.embed_tokens.planes_nbytes()
+    # Tied: all of it streams, except that on a bf16 CPU the head reads its nibble planes, not the table.
+    table = engine.model.embed_tokens.weight_nbytes() - planes if planes else 0
+    assert nbytes == engine.memory.weight_bytes - table == linear_weight_bytes(engine.model)[0] - table
     check, bound = doctor.decode_bound("default", nbytes, 50.0, "as loaded")
-    assert bound == 50.0 * 1e9 / engine.memory.weight_bytes
+    assert bound == 50.0 * 1e9 / nbytes
     assert check.data == {"weight_bytes_per_token": nbytes, "bandwidth_gbs": 50.0, "bound_tok_s": bound}
-    # ~98 MB: Q4_1 layers at 5 bits, the Q8_0 table (also the LM head) at 9 bits, fp32 norms.
-    assert 95e6 < nbytes < 100e6
-    assert nbytes == pytest.approx(load_shape(None).weights.per_step, rel=0.02)  # the file's own blocks
+    # ~98 MB: Q4_1 layers at 5 bits, the Q8_0 table (also the LM head) at 9 bits, norms; the head's
+    # planes keep a bf16 scale and zero per 32 weights in each of two planes (+3.5 MB).
+    assert 95e6 < nbytes < 103e6
+    assert nbytes == pytest.approx(load_shape(None).weights.per_step, rel=0.06)  # the file's own blocks
 
 
 # ---------------------------------------------------------------------- plan against the engine
@@ -281,7 +292,7 @@ def test_plan_for_the_engines_model_and_settings_matches_its_memory_plan(smollm2
     engine, mem = smollm2.engine, smollm2.engine.memory
     assert main(["plan", "--gpu", "cpu", "--kv-cache-memory", "128", "--context", "1024", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["kv_dtype"] == "fp32" and plan["kv_budget_source"] == "given"
+    assert plan["kv_dtype"] == costs.kv_dtype_name(engine.kv_spec.dtype) and plan["kv_budget_source"] == "given"
     assert plan["kv_bytes_per_token"] == engine.kv_spec.bytes_per_token
     assert plan["kv_block_bytes"] == engine.kv_spec.bytes_per_block
     assert plan["kv_blocks"] == pytest.approx(mem.num_blocks, rel=0.01)
@@ -290,9 +301,10 @@ def test_plan_for_the_engines_model_and_settings_matches_its_memory_plan(smollm2
     assert plan["max_concurrency"] == int(mem.max_concurrency)  # whole sequences of 1024 tokens
     # In fact they are equal: one cost model.
     assert (plan["kv_blocks"], plan["kv_cache_bytes"]) == (mem.num_blocks, mem.kv_bytes)
-    # Weights: the file's block bytes vs what the engine holds; within 2% (the Q8_0 table keeps
-    # an fp32 scale per 32 weights where the file has an fp16 one).
-    assert plan["weight_bytes_per_step"] == pytest.approx(mem.weight_bytes, rel=0.02)
+    # Weights: the file's block bytes vs what the engine streams; within 6% (the Q8_0 table keeps
+    # an fp32 scale per 32 weights where the file has an fp16 one; on a bf16 CPU the head reads
+    # two nibble planes, each with a bf16 scale and zero per 32 weights).
+    assert plan["weight_bytes_per_step"] == pytest.approx(doctor.engine_weight_bytes_per_step(engine), rel=0.06)
 
 
 @pytest.mark.parametrize("kv", ["fp32", "bf16", "fp8", "int8"])
@@ -319,7 +331,10 @@ def test_plan_kv_budget_follows_the_engine_on_cpu_and_gpu():
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu = GPUSpec("CPU", ram / GIB, 50, 1, None, 0, cpu=True)
     plan = make_plan(shape, cpu, 1024, 1)
-    assert plan.kv_dtype == "fp32" and plan.kv_budget_source == "cpu default"
+    from membound.cpu import has_native_bf16
+
+    # The engine's auto dtype for the packed default: bf16 where the CPU has it in hardware.
+    assert plan.kv_dtype == ("bf16" if has_native_bf16() else "fp32") and plan.kv_budget_source == "cpu default"
     assert plan.kv_budget_bytes == kv_budget_bytes(EngineConfig(), torch.device("cpu"), 0, 0)
     # A GPU: utilization x memory - weights - overhead, where the engine's overhead is its measured
     # activation peak (plus graphs and other processes' memory).

@@ -73,8 +73,48 @@ def decode_attention(
     scale: float,
     sliding_window: int | None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_seq_len: int | None = None,  # the longest of seq_lens, known on the host
 ) -> torch.Tensor:
-    """One query token per sequence over its whole cached context, batched."""
+    """One query token per sequence over its whole cached context, batched: the sequences' blocks
+    gathered (index_select is several times faster than advanced indexing on CPU), then one fused
+    SDPA call that groups query heads per KV head itself (GQA). A lone sequence needs no mask: its
+    gather is cut to its length."""
+    b, h, d = q.shape
+    lone = b == 1 and max_seq_len is not None and sliding_window is None
+    if not lone and q.dtype == torch.float32:
+        return _decode_bmm(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, kv_scales)
+    kvh, _, block_size, _ = k_cache.shape
+    width = block_tables.shape[1] * block_size
+    flat = block_tables.reshape(-1)
+    keys = gather_blocks(k_cache, None if kv_scales is None else kv_scales[0], flat, q.dtype)
+    values = gather_blocks(v_cache, None if kv_scales is None else kv_scales[1], flat, q.dtype)
+    keys = keys.view(kvh, b, width, d).transpose(0, 1)  # [B, KVH, L, D]
+    values = values.view(kvh, b, width, d).transpose(0, 1)
+    mask = None
+    if lone:
+        keys, values = keys[:, :, :max_seq_len], values[:, :, :max_seq_len]
+    else:
+        pos = torch.arange(width, device=q.device)
+        mask = pos[None, :] < seq_lens[:, None]
+        if sliding_window is not None:
+            mask &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=h != kvh)
+    return out.view(b, h, d)
+
+
+def _decode_bmm(
+    q: torch.Tensor,  # [B, H, D], one query per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    sliding_window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """decode_attention as two batched matmuls around a masked softmax (fp32 batches, where CPU SDPA
+    with a mask is 5x slower than this)."""
     b, h, d = q.shape
     kvh, _, block_size, _ = k_cache.shape
     max_len = block_tables.shape[1] * block_size
@@ -190,6 +230,7 @@ class TorchPagedAttention(PagedAttentionBase):
                         scale,
                         sliding_window,
                         kv_scales,
+                        meta.max_decode_len if hi - lo == 1 and nd == 1 else None,
                     )
                 )
         starts = meta.query_start_loc_host

@@ -6,6 +6,7 @@ loop and nothing else.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib.util
 import logging
@@ -16,6 +17,7 @@ import torch
 from membound.attention import AttentionBackend, get_backend
 from membound.attention.base import AttentionMetadata
 from membound.config import EngineConfig
+from membound.cpu import ThreadGovernor, release_free_memory, usable_cores
 from membound.engine.block_pool import BlockPool
 from membound.engine.core import EngineCore
 from membound.engine.cuda_graphs import DecodeGraphs
@@ -28,7 +30,15 @@ from membound.engine.scheduler import Scheduler, SchedulerConfig
 from membound.engine.warmup import synthetic_metadata, warm_up_kernels
 from membound.errors import ConfigError
 from membound.model.config import ModelConfig
-from membound.model.loader import ModelSource, load_config, load_model, open_gguf, resolve_model
+from membound.model.loader import (
+    ModelSource,
+    load_config,
+    load_model,
+    open_gguf,
+    resolve_model,
+    resolve_quantization,
+    runs_packed,
+)
 from membound.model.tokenizer import Tokenizer
 from membound.sampling_params import SamplingParams
 
@@ -61,12 +71,16 @@ class EngineParts:
 
 def build_engine(config: EngineConfig) -> EngineParts:
     device = config.torch_device()
-    dtype = config.torch_dtype(device)
     source = resolve_model(config.model, config.load_format)
     t0 = time.perf_counter()
+    threads = None
+    if device.type == "cpu":
+        # Before any op runs: the load and the warm-up already use the thread count.
+        threads = ThreadGovernor(config.num_threads or usable_cores(), fixed=config.num_threads is not None)
     backend = get_backend(config.attention_backend, device)
     gguf = open_gguf(source)
     mc = load_config(source, gguf)
+    dtype = config.torch_dtype(device, runs_packed(resolve_quantization(config.quantization, source, gguf), gguf))
     if backend.name == "triton":
         from membound.kernels.decode_attention import check_shapes
 
@@ -87,11 +101,14 @@ def build_engine(config: EngineConfig) -> EngineParts:
             max_model_len,
             mc.max_position_embeddings,
         )
-    loaded = load_model(source, backend, dtype, device, max_model_len, config.seed, gguf, config.quantization)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="membound-tokenizer") as pool:
+        # The tokenizer (mostly importing transformers) loads while the weights do.
+        tokenizer_future = None
+        if not config.skip_tokenizer_init and source.path is not None:
+            tokenizer_future = pool.submit(Tokenizer.from_model_path, source.path)
+        loaded = load_model(source, backend, dtype, device, max_model_len, config.seed, gguf, config.quantization)
+        tokenizer = None if tokenizer_future is None else tokenizer_future.result()
     model = loaded.model
-    tokenizer = None
-    if not config.skip_tokenizer_init and source.path is not None:
-        tokenizer = Tokenizer.from_model_path(source.path)
     eos = set(mc.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
@@ -142,7 +159,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
         runner.graphs.capture()
     # Overlap host and device work where there is a device to overlap with.
     async_scheduling = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
-    core = EngineCore(scheduler, runner, input_batch, async_scheduling)
+    core = EngineCore(scheduler, runner, input_batch, async_scheduling, threads)
+    if device.type == "cpu":
+        release_free_memory()
     log.info(
         "loaded %s (%s, %s) on %s in %.1fs; %s",
         source.name,
@@ -171,7 +190,7 @@ def profile_graph_memory(model, kv_spec: KVCacheSpec, config: EngineConfig, max_
     caches = allocate_kv_cache(kv_spec, 2, device)
     graphs = decode_graphs(model, caches, config, max_model_len, device)
     nbytes = graphs.capture([graphs.max_batch])
-    row = model.config.hidden_size * torch.empty((), dtype=config.torch_dtype(device)).element_size()
+    row = model.config.hidden_size * next(model.parameters()).element_size()
     nbytes += sum(graphs.ladder[:-1]) * row
     del graphs, caches
     torch.cuda.empty_cache()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from membound.cpu import ThreadGovernor
 from membound.engine.input_batch import InputBatch
 from membound.engine.model_runner import LaunchedStep, ModelRunner
 from membound.engine.output import append_token, fail, make_output
@@ -37,8 +38,16 @@ class StepTiming:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, input_batch: InputBatch, async_scheduling: bool):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        input_batch: InputBatch,
+        async_scheduling: bool,
+        threads: ThreadGovernor | None = None,
+    ):
         self.scheduler = scheduler
+        self.threads = threads  # CPU: the intra-op thread count, revisited between steps
         self.runner = runner
         self.input_batch = input_batch
         self.async_scheduling = async_scheduling
@@ -79,6 +88,8 @@ class EngineCore:
         t1 = time.perf_counter()
         launched = None
         if sched.scheduled:
+            if self.threads is not None:
+                self.threads.tick()
             now = time.time()
             for s in sched.scheduled:
                 if s.request.metrics.first_scheduled_time is None:

@@ -50,24 +50,32 @@ def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) 
 
     Head-major: one head's block is a contiguous [block_size, head_dim] tile, and a gather of
     a sequence's blocks is directly a batched-matmul operand. Zero-filled so that padded slots
-    read by batched attention are finite.
+    read by batched attention are finite; on CPU by pages the OS zeroes when first touched
+    (`_lazy_zeros`), so the process holds only the blocks in use, not the whole budget.
     """
-    pool = torch.zeros(
-        spec.num_layers,
-        2,
-        spec.num_kv_heads,
-        num_blocks,
-        spec.block_size,
-        spec.head_dim,
-        dtype=spec.dtype,
-        device=device,
+    shape = (spec.num_layers, 2, spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
+    pool = (
+        _lazy_zeros(shape, spec.dtype) if device.type == "cpu" else torch.zeros(shape, dtype=spec.dtype, device=device)
     )
     if not spec.has_scales:
         return [(pool[i, 0], pool[i, 1]) for i in range(spec.num_layers)]
-    scales = torch.zeros(
-        spec.num_layers, 2, spec.num_kv_heads, num_blocks, spec.block_size, dtype=torch.float32, device=device
-    )
+    sshape = shape[:-1]
+    if device.type == "cpu":
+        scales = _lazy_zeros(sshape, torch.float32)
+    else:
+        scales = torch.zeros(sshape, dtype=torch.float32, device=device)
     return [(pool[i, 0], pool[i, 1], scales[i, 0], scales[i, 1]) for i in range(spec.num_layers)]
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor whose pages are not touched: calloc (through numpy) maps fresh zero pages for a
+    large request, where torch.zeros writes every byte (a 2 GiB CPU cache was 2 GiB of RSS at once)."""
+    import numpy as np
+
+    nbytes = torch.empty((), dtype=dtype).element_size()
+    for d in shape:
+        nbytes *= d
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:

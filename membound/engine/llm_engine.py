@@ -37,6 +37,8 @@ class EngineStats:
     generation_tokens: int  # cumulative sampled tokens
     num_steps: int = 0  # model steps launched
     num_steps_launched_ahead: int = 0  # of those, launched before the previous step's result was in
+    num_threads: int | None = None  # CPU intra-op threads in force (None on a GPU)
+    num_thread_changes: int = 0  # times the CPU thread count was changed for other processes' load
 
 
 class LLMEngine:
@@ -209,6 +211,8 @@ class LLMEngine:
             generation_tokens=self.core.generation_tokens,
             num_steps=self.core.num_steps,
             num_steps_launched_ahead=self.core.num_steps_launched_ahead,
+            num_threads=None if self.core.threads is None else self.core.threads.threads,
+            num_thread_changes=0 if self.core.threads is None else self.core.threads.changes,
         )
 
     def reset_prefix_cache(self) -> None:

@@ -27,7 +27,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "default: the embedded SmolLM2-135M-Instruct Q4_1",
     )
     g.add_argument(
-        "--dtype", default="auto", help="auto, float32, float16 or bfloat16 (auto: fp32 on CPU, bf16 on CUDA)"
+        "--dtype",
+        default="auto",
+        help="auto, float32, float16 or bfloat16 (auto: bf16 on CUDA; on CPU bf16 for packed weights where "
+        "the CPU has bf16 in hardware, else fp32)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
@@ -77,6 +80,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         help="schedule and launch step N+1 while step N runs on the device (default: on with CUDA)",
     )
     g.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="CPU threads for the model's ops (default: the cores this process may use, by affinity and "
+        "cgroup quota, one fewer while another process keeps one busy)",
+    )
+    g.add_argument(
         "--attention-backend",
         default="auto",
         choices=["auto", "torch", "triton"],
@@ -120,6 +130,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         enforce_eager=a.enforce_eager,
         async_scheduling=a.async_scheduling,
         attention_backend=a.attention_backend,
+        num_threads=a.num_threads,
     )
 
 

@@ -19,14 +19,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each position, [T, 1, head_dim / 2]; looked up once per step, not per layer."""
-        return self.cos[positions][:, None, :].to(dtype), self.sin[positions][:, None, :].to(dtype)
+        """Full-width tables for each position, [T, 1, head_dim]: (cos | cos) and (-sin | sin), as
+        apply_rope takes them; looked up once per step, not per layer."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        return torch.cat((cos, cos), -1)[:, None].to(dtype), torch.cat((-sin, sin), -1)[:, None].to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [T, heads, head_dim] by position: neox style, on the two halves of each head."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def half_tables(cos_full: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [T, head_dim / 2] cos and sin rows inside RotaryEmbedding's full-width tables."""
+    half = cos_full.shape[-1] // 2
+    return cos_full[:, 0, :half].contiguous(), sin_signed[:, 0, half:].contiguous()  # kernels take dense rows
+
+
+def apply_rope(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate [T, heads, head_dim] by position, neox style (the two halves of each head):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) = x * (cos | cos) + roll(x, half) * (-sin | sin),
+    three ops where the half-by-half form takes eight."""
+    return torch.addcmul(x * cos_full, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
 def rope_write_kv(
@@ -34,7 +43,7 @@ def rope_write_kv(
 ) -> torch.Tensor:
     """Rotate q and k (neox halves) at `positions`, write k and v to their cache slots; return rotated q.
     The PyTorch twin of kernels.fused.rope_write_kv (same arguments), which it is tested against."""
-    cos = cos_table[positions][:, None, :].to(q.dtype)
-    sin = sin_table[positions][:, None, :].to(q.dtype)
+    cos, sin = cos_table[positions].to(q.dtype), sin_table[positions].to(q.dtype)
+    cos, sin = torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
     write_kv(apply_rope(k, cos, sin), v, k_cache, v_cache, slot_mapping, kv_scales)
     return apply_rope(q, cos, sin)

@@ -16,7 +16,16 @@ from torch import nn
 from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.errors import ModelLoadError
 from membound.layers import LayerKernels, RMSNorm, RotaryEmbedding, apply_rope, choose_layer_kernels
+from membound.layers.rotary import half_tables
 from membound.model.config import ModelConfig, rope_inv_freq
+from membound.quant.linear import DENSE_MIN_ROWS
+
+
+def project(layer: nn.Module, x: torch.Tensor, dense_from: int | None) -> torch.Tensor:
+    """layer(x), or for a packed layer with a dense path (quant.linear.Int4Linear.forward_rows on CPU)
+    rows [dense_from:] through it: a prefill of many rows multiplies faster from a dequantized copy."""
+    rows = None if dense_from is None else getattr(layer, "forward_rows", None)
+    return layer(x) if rows is None else rows(x, dense_from)
 
 
 class Attention(nn.Module):
@@ -41,9 +50,11 @@ class Attention(nn.Module):
         x: torch.Tensor,
         kv_cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
+        dense_from: int | None = None,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = project(self.qkv_proj, x, dense_from)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -56,9 +67,13 @@ class Attention(nn.Module):
             q = self.kernels.rope_write_kv(q, k, v, *rope, kv_cache[0], kv_cache[1], meta.slot_mapping, scales)
             out = self.backend.attend(q, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, scales)
         else:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.q_norm is None:  # q and k side by side in qkv: rotate them in one go
+                qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope)
+                q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+            else:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.sliding_window, scales)
-        return self.o_proj(out.reshape(t, self.q_size))
+        return project(self.o_proj, out.reshape(t, self.q_size), dense_from)
 
 
 class MLP(nn.Module):
@@ -68,8 +83,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels = kernels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.kernels.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
+        h = self.kernels.silu_and_mul(project(self.gate_up_proj, x, dense_from))
+        return project(self.down_proj, h, dense_from)
 
 
 class DecoderLayer(nn.Module):
@@ -81,13 +97,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, kernels)
         self.kernels = kernels
 
-    def forward(self, rope, x, kv_cache, meta, residual: torch.Tensor | None = None):
+    def forward(self, rope, x, kv_cache, meta, residual: torch.Tensor | None = None, dense_from: int | None = None):
         """(this layer's MLP output, the residual stream before it): the residual add goes with the
         next norm (the next layer's, or the final one), one kernel in the Triton set."""
         add_rms_norm, ln1, ln2 = self.kernels.add_rms_norm, self.input_layernorm, self.post_attention_layernorm
         h, residual = add_rms_norm(x, residual, ln1.weight, ln1.eps)
-        h, residual = add_rms_norm(self.self_attn(rope, h, kv_cache, meta), residual, ln2.weight, ln2.eps)
-        return self.mlp(h), residual
+        h, residual = add_rms_norm(self.self_attn(rope, h, kv_cache, meta, dense_from), residual, ln2.weight, ln2.eps)
+        return self.mlp(h, dense_from), residual
 
 
 # Which slice of a fused parameter each HF checkpoint name fills.
@@ -108,16 +124,22 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int,
         rope_freq_factors: torch.Tensor | None = None,
         layer_kernels: LayerKernels | None = None,
+        rope: RotaryEmbedding | None = None,
     ) -> None:
         """layer_kernels: the norm / activation / RoPE implementations; by default the Triton set
-        exactly when `backend` is the Triton attention backend (membound.layers.choose_layer_kernels)."""
+        exactly when `backend` is the Triton attention backend (membound.layers.choose_layer_kernels).
+        rope: tables already computed (the loader builds the model on meta, where computing them
+        would pull in PyTorch's meta kernels: ~0.8 s of start-up)."""
         super().__init__()
         self.config = cfg
         self.attention_backend = backend  # its metadata and graph hooks are the runner's to use
         self.layer_kernels = layer_kernels or choose_layer_kernels("auto", backend.name)
         kernels = self.layer_kernels
-        self.rope = RotaryEmbedding(rope_inv_freq(cfg, rope_freq_factors), max_positions)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rope = rope or RotaryEmbedding(rope_inv_freq(cfg, rope_freq_factors), max_positions)
+        # No init: the loader fills it (and nn.Embedding's normal_ on meta would import torch._dynamo, 1.2 s).
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend, kernels) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -133,12 +155,15 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rope(positions, x.dtype)
         if self.layer_kernels.rope_write_kv is not None:
-            cos, sin = rope
             rows = torch.arange(x.shape[0], device=x.device)  # the fused kernel looks cos/sin up by row
-            rope = (cos[:, 0], sin[:, 0], rows)
+            rope = (*half_tables(*rope), rows)
         residual = None
+        # Prefill rows past the decodes go through dense matmuls when there are enough of them (see
+        # project); decode rows stay on the packed kernels, so they never depend on their batch.
+        prefill_rows = x.shape[0] - meta.num_decodes
+        dense_from = meta.num_decodes if prefill_rows >= DENSE_MIN_ROWS else None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(rope, x, kv, meta, residual)
+            x, residual = layer(rope, x, kv, meta, residual, dense_from)
         return self.layer_kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -99,14 +99,43 @@ def hf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 # ---------------------------------------------------------------- GGUF files
 
 
+def _metadata_reader(path: str):
+    """gguf.GGUFReader that does not unpack the big metadata arrays (the 49k-entry vocab, merges,
+    scores: 2.7 s of start-up as one numpy view per element): string arrays past `_EAGER_ITEMS`
+    entries are skipped over, keeping only their length (`GGUFFile.array_length`), and numeric
+    arrays become one view. The tokenizer is built from the file by transformers, once, and cached."""
+    from gguf import GGUFReader, GGUFValueType
+
+    class MetadataReader(GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            sub, n, offs = GGUFValueType(itype[0]), int(alen[0]), orig_offs + 12
+            nptype = self.gguf_scalar_to_np.get(sub)
+            if nptype is not None:  # one view of the whole array, which contents() reads as a list
+                values = self._get(offs, nptype, n)
+                return 12 + int(values.nbytes), [itype, alen, values], [2] if n else [], [GGUFValueType.ARRAY, sub]
+            if sub != GGUFValueType.STRING or n <= _EAGER_ITEMS:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw = memoryview(self.data)
+            for _ in range(n):  # walk the length prefixes only
+                offs += 8 + int.from_bytes(raw[offs : offs + 8], "little")
+            return offs - orig_offs, [itype, alen], [], [GGUFValueType.ARRAY, sub]
+
+    return MetadataReader(path)
+
+
+_EAGER_ITEMS = 4096
+
+
 class GGUFFile:
     """Metadata and tensors of a GGUF file, read with the `gguf` package."""
 
     def __init__(self, path: str) -> None:
-        from gguf import GGUFReader
-
         try:
-            self.reader = GGUFReader(path)
+            self.reader = _metadata_reader(path)
         except Exception as e:  # gguf raises bare ValueError/struct errors on corrupt files
             raise ModelLoadError(f"{path} is not a valid GGUF file: {e}") from e
         self.path = path
@@ -117,14 +146,18 @@ class GGUFFile:
         f = self.reader.fields.get(key)
         return default if f is None else f.contents()
 
+    def array_length(self, key: str) -> int | None:
+        """Entries of an array field (also of one whose entries were skipped)."""
+        f = self.reader.fields.get(key)
+        return None if f is None or len(f.parts) < 5 else int(f.parts[4][0])
+
     def config(self) -> ModelConfig:
         a = self.arch
         if a not in _GGUF_ARCH:
             raise ModelLoadError(f"unknown GGUF architecture {a!r}; supported: {', '.join(_GGUF_ARCH)}")
         heads = int(self.field(f"{a}.attention.head_count"))
         hidden = int(self.field(f"{a}.embedding_length"))
-        tokens = self.field("tokenizer.ggml.tokens")
-        vocab = self.field(f"{a}.vocab_size") or (len(tokens) if tokens else None)
+        vocab = self.field(f"{a}.vocab_size") or self.array_length("tokenizer.ggml.tokens")
         scaling = None
         if self.field(f"{a}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(self.field(f"{a}.rope.scaling.factor"))}
@@ -239,6 +272,18 @@ def resolve_quantization(quantization: str | None, source: ModelSource, gguf: GG
     return quantization
 
 
+def runs_packed(quantization: str, gguf: GGUFFile | None) -> bool:
+    """Whether the decoder's matrices will run on packed int4/int8 kernels: int4/int8, or a GGUF whose
+    layers hold a quantized type membound keeps packed (an all-F32 GGUF runs dequantized)."""
+    if quantization in ("int4", "int8"):
+        return True
+    if quantization != "gguf" or gguf is None:
+        return False
+    from membound.quant.gguf_blocks import LAYER_FORMAT
+
+    return bool(gguf.layer_quant_types() & set(LAYER_FORMAT))
+
+
 def load_model(
     source: ModelSource,
     backend: AttentionBackend,
@@ -261,13 +306,13 @@ def load_model(
     config = load_config(source, gguf)
     quantization = resolve_quantization(quantization, source, gguf)
     freq_factors = gguf.rope_freq_factors() if gguf and source.kind != "dummy" else None
-    with torch.device("meta"):
-        # Rope tables are computed for real just below; meta needs none of the factors.
-        model = LlamaForCausalLM(config, backend, max_positions).to(dtype)
-    # Buffers were created on meta: compute the rope tables on the real device.
     with torch.device(device):
-        fresh = RotaryEmbedding(rope_inv_freq(config, freq_factors), max_positions)
-    model.rope.cos, model.rope.sin = fresh.cos, fresh.sin
+        rope = RotaryEmbedding(rope_inv_freq(config, freq_factors), max_positions)
+    cos, sin = rope.cos, rope.sin
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, backend, max_positions, rope=rope).to(dtype)
+    # .to(dtype) cast the tables too: keep them fp32 (positions up to max_positions need the bits).
+    model.rope.cos, model.rope.sin = cos, sin
     if source.kind == "dummy":
         # Random weights everywhere first, then any blocks from the file: the seeded draws stay as they were.
         _materialise(model, device)

@@ -115,10 +115,26 @@ class Plan:
         return dataclasses.asdict(self)
 
 
-def resolve_kv_dtype(kv_dtype: str, gpu: GPUSpec) -> str:
-    """The engine's kv_cache_dtype="auto" is the run dtype: fp32 on a CPU, 16-bit on a GPU."""
+def runs_packed(weight_format: str) -> bool:
+    """Whether the engine would run these weights on its packed kernels (int4/int8, or a GGUF whose
+    layers hold a type it keeps packed; load_shape names a GGUF's format "GGUF (Q4_1 x 210, ...)")."""
+    from membound.quant.gguf_blocks import LAYER_FORMAT
+
+    if weight_format in ("int4", "int8") or weight_format in LAYER_FORMAT:
+        return True
+    types = weight_format.removeprefix("GGUF (").rstrip(")").split(", ")
+    return weight_format.startswith("GGUF") and any(t.split(" x ")[0] in LAYER_FORMAT for t in types)
+
+
+def resolve_kv_dtype(kv_dtype: str, gpu: GPUSpec, packed: bool = False) -> str:
+    """The engine's kv_cache_dtype="auto" is the run dtype (EngineConfig.torch_dtype): 16-bit on a GPU;
+    on a CPU bf16 for packed weights where it has bf16 in hardware, else fp32."""
     if kv_dtype == "auto":
-        return "fp32" if gpu.cpu else "bf16"
+        if not gpu.cpu:
+            return "bf16"
+        from membound.cpu import has_native_bf16
+
+        return "bf16" if packed and has_native_bf16() else "fp32"
     if kv_dtype not in KV_DTYPE_BYTES:
         raise ConfigError(f"kv dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
     return kv_dtype
@@ -140,7 +156,7 @@ def make_plan(
     KV budget as the engine's option of that name does; otherwise it is what the engine takes:
     on a CPU the default budget (at most a quarter of RAM), on a GPU utilization x memory less
     the weights and `overhead_bytes` (activations, graphs, CUDA context)."""
-    kv_dtype = resolve_kv_dtype(kv_dtype, gpu)
+    kv_dtype = resolve_kv_dtype(kv_dtype, gpu, runs_packed(shape.weight_format))
     for name, v in (("context", context), ("concurrency", concurrency), ("block_size", block_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")

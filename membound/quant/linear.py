@@ -16,10 +16,16 @@ int4 follows the "tinygemm" convention: w = (q - 8) * scale + zero, q in [0, 15]
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 FORMATS = ("int8", "int4", "fp8")
+
+# Prefill rows in a step from which Int4Linear.forward_rows's dequantize-then-dense matmul beats the
+# packed kernel on CPU (SmolLM2's matrices, 2-core Xeon with AMX: even at 64 rows, 0.55x the time).
+DENSE_MIN_ROWS = 64
 
 # Where the Triton matmuls run: CUDA, and meta tensors (the sm_90a compile check runs the CUDA
 # path on them, compiling what a GPU would launch without one).
@@ -54,15 +60,17 @@ class QuantLinear(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
+        # The model's activations are 2-D [tokens, features]: no reshapes (a decode step makes 120
+        # of these calls, and each skipped op is a microsecond of a ~10 ms step).
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         y = self._fast(x2)
         if y is None:
             y = torch.nn.functional.linear(x2, self.dequantize(x.dtype))
-        else:
+        elif y.dtype != x.dtype:
             y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -200,6 +208,9 @@ class Int8Embedding(Int8Linear):
     ) -> None:
         super().__init__(qweight, scale, zero, group_size)
         self.out_dtype = dtype  # what lookups return: the model's activation dtype
+        self._planes: tuple[torch.Tensor, torch.Tensor] | None = None
+        if dtype == torch.bfloat16 and qweight.device.type == "cpu":
+            self._planes = _nibble_planes(self.qweight, self.scale, self.zero, self.group_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         g = self.group_size
@@ -209,10 +220,48 @@ class Int8Embedding(Int8Linear):
         return w.reshape(*ids.shape, self.in_features).to(self.out_dtype)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._planes is not None:
+            packed, sz = self._planes
+            x = hidden.reshape(-1, self.in_features).to(torch.bfloat16)
+            # Both planes in one call: K doubled, x repeated, the groups' sums add the planes up.
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat((x, x), -1), packed, self.group_size, sz)
+            return y.reshape(*hidden.shape[:-1], self.out_features)
         return super().forward(hidden)
+
+    def planes_nbytes(self) -> int:
+        """Bytes of the head's nibble planes (0 without them): what `logits` reads instead of the table."""
+        return 0 if self._planes is None else sum(t.numel() * t.element_size() for t in self._planes)
+
+    def weight_nbytes(self) -> int:
+        return super().weight_nbytes() + self.planes_nbytes()
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, group_size={self.group_size}"
+
+
+def _nibble_planes(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, rows_per_chunk: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A group-wise int8 matrix w = q * d + m as two 4-bit planes for the CPU tinygemm kernel, side by side
+    along K: u = q + 128 = 16 hi + lo, so w = (hi - 8) 16 d + (lo - 8) d + (8 d + m). The integer grid
+    is exact; d, 16 d and 8 d + m are rounded to bf16 (the kernel's dtype, as for the int4 layers).
+    Returns (packed [N, K], scale-and-zero [2 K / group, N, 2]), or None where the kernel does not take
+    the shape. Packed in chunks of rows (the layout is blocked by 64 rows), so no int32 copy of the
+    whole table exists at once."""
+    n, k = q.shape
+    if n % 64 or k % 2 or group_size not in (16, 32, 64, 128, 256):
+        return None
+    packs = []
+    for i in range(0, n, rows_per_chunk):
+        u = q[i : i + rows_per_chunk].to(torch.int32) + 128
+        planes = torch.cat((u >> 4, u & 15), dim=1).contiguous()  # [rows, 2K]: hi plane, then lo plane
+        packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes, 2))
+    d = scale.float()
+    m = torch.zeros_like(d) if zero is None else zero.float()
+    s_hi, z_hi = 16 * d, torch.zeros_like(d)
+    s_lo, z_lo = d, 8 * d + m
+    sz = torch.stack((torch.cat((s_hi, s_lo), 1), torch.cat((z_hi, z_lo), 1)), -1)  # [N, 2K / g, 2]
+    return torch.cat(packs), sz.transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
 def pick_group_size(in_features: int, preferred: int = 128) -> int:
@@ -239,8 +288,6 @@ class Int4Linear(QuantLinear):
             raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
         super().__init__(k, n, bias)
         self.group_size = group_size
-        q8 = q.to(torch.uint8)
-        self.register_buffer("packed", (q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous())  # two per byte
         self.register_buffer("scale", scale.float().contiguous())
         self.register_buffer("zero", zero.float().contiguous())
         self._cpu_pack: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -250,7 +297,10 @@ class Int4Linear(QuantLinear):
             sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._cpu_pack = (packed, sz)
             # The kernel's layout replaces the plain nibbles on CPU: keep one copy, not two.
-            self.packed = torch.empty(0, dtype=torch.uint8)
+            self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        else:
+            q8 = q.to(torch.uint8)
+            self.register_buffer("packed", (q8[:, 0::2] | (q8[:, 1::2] << 4)).contiguous())  # two per byte
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> Int4Linear:
@@ -292,7 +342,31 @@ class Int4Linear(QuantLinear):
         if self._cpu_pack is None or x2.device.type != "cpu":
             return None
         packed, sz = self._cpu_pack
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size, sz)
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+
+    def forward_rows(self, x: torch.Tensor, dense_from: int) -> torch.Tensor:
+        """x @ w.T with rows [:dense_from] on the packed kernel and the rest through a bf16 copy of w,
+        dequantized for this call, in one dense (oneDNN; AMX where the CPU has it) matmul. The packed
+        kernel reads 4 bits a weight but computes row by row (a 512-row prefill: 3.1 ms on qkv_proj);
+        the dense one pays a dequantize (0.2 ms) to multiply 512 rows in 0.23 ms. Both kernels give each
+        row the same result whatever the other rows are, so a decode row (always packed) does not
+        depend on what it is batched with. Measured: benchmarks/cpu_vs_llamacpp.py, prefill row."""
+        if self._cpu_pack is None or x.dtype != torch.bfloat16 or self.bias is not None:
+            return self(x)
+        if not _knows_cpu_pack_layout() or self.out_features % 64:
+            return self(x)
+        n, k, g = self.out_features, self.in_features, self.group_size
+        packed, sz = self._cpu_pack
+        blocks = packed.view(n // 64, k, 32)  # the kernel's layout: rows r and r + 32 of each 64 per byte
+        q = torch.cat((blocks & 15, blocks >> 4), 2).transpose(0, 1).reshape(k // g, g, n).to(torch.bfloat16)
+        scale = sz[..., 0]  # [K / g, N]: w = q * scale + (zero - 8 scale)
+        w_t = torch.addcmul((sz[..., 1] - 8 * scale)[:, None], q, scale[:, None]).view(k, n)
+        dense = torch.mm(x[dense_from:], w_t)
+        if dense_from == 0:
+            return dense
+        return torch.cat((self(x[:dense_from]), dense))
 
     def _apply(self, fn, recurse=True):
         if self._cpu_pack is not None:
@@ -300,6 +374,18 @@ class Int4Linear(QuantLinear):
             if moved.device.type != "cpu":
                 raise RuntimeError("an int4 layer packed for the CPU kernel cannot move to another device")
         return super()._apply(fn, recurse)
+
+
+@functools.cache
+def _knows_cpu_pack_layout() -> bool:
+    """Whether `_convert_weight_to_int4pack_for_cpu` lays nibbles out as forward_rows reads them
+    ([N / 64, K, 32] bytes, row r in the low and row r + 32 in the high nibble): checked once on a
+    small matrix, so a PyTorch that changes the layout loses the dense path, not correctness."""
+    n, k = 128, 64
+    q = torch.arange(n * k, dtype=torch.int32).reshape(n, k).mul(7).remainder(16)
+    blocks = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2).view(torch.uint8).view(n // 64, k, 32)
+    got = torch.cat((blocks & 15, blocks >> 4), 2).permute(0, 2, 1).reshape(n, k)
+    return torch.equal(got.to(torch.int32), q)
 
 
 class Fp8Linear(QuantLinear):

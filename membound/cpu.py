@@ -1,0 +1,206 @@
+"""What the CPU offers this process: native bf16, the cores it may use, and how busy others keep them.
+
+The engine's CPU path reads these once at start-up (dtype, thread count) and, through
+`ThreadGovernor`, between steps: a core that another process keeps busy is a core whose OpenMP
+thread every parallel region waits for (a 2-thread step went from 20 ms to 382 ms with one busy
+neighbour), so the engine gives such a core up rather than share it. `membound doctor` uses the
+same load reading to say why a CPU run is slow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import pathlib
+import time
+
+_CPUINFO = pathlib.Path("/proc/cpuinfo")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The kernel's feature flags of the first CPU ("avx512_bf16", "amx_bf16", ...); empty off Linux."""
+    try:
+        for line in _CPUINFO.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in _CPUINFO.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def has_native_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX-512 BF16 or AMX): there bf16 activations halve the bytes at
+    no extra instructions; elsewhere PyTorch emulates bf16 and fp32 is faster."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def allowed_cpus() -> list[int]:
+    """CPU ids this process may run on (its affinity mask)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def cgroup_cpu_limit(root: pathlib.Path = pathlib.Path("/sys/fs/cgroup")) -> float | None:
+    """Cores the cgroup's CPU quota allows (cgroup v2 cpu.max, or v1 cfs quota / period); None: no quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """Threads worth running: the affinity mask, capped by the cgroup quota (rounded down, at least 1)."""
+    n = len(allowed_cpus())
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, int(limit)))
+    return max(1, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuLoad:
+    """Over one interval: how many of the allowed cores were busy, and how much of that was this process."""
+
+    cores: int
+    busy: float  # cores' worth of busy time on the allowed CPUs, all processes
+    own: float  # this process's CPU time per second (all its threads)
+    interval_s: float
+
+    @property
+    def others(self) -> float:
+        """Cores' worth of the allowed CPUs other processes used."""
+        return max(0.0, self.busy - self.own)
+
+
+def _busy_ticks(cpus: list[int]) -> tuple[int, int] | None:
+    """(busy, total) clock ticks summed over `cpus`, from /proc/stat."""
+    try:
+        lines = pathlib.Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    want = {f"cpu{i}" for i in cpus}
+    busy = total = 0
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        if name in want:
+            v = [int(x) for x in rest.split()]
+            idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+            t = sum(v[:8])  # user nice system idle iowait irq softirq steal (guest is in user already)
+            busy, total = busy + t - idle, total + t
+    return (busy, total) if total else None
+
+
+class CpuLoadMeter:
+    """Reads busy time on the allowed CPUs and this process's CPU time; `sample()` gives the load since
+    the previous sample (None on the first call or where /proc is missing)."""
+
+    def __init__(self, cpus: list[int] | None = None) -> None:
+        self.cpus = cpus if cpus is not None else allowed_cpus()
+        self._last: tuple[float, int, int, float] | None = None
+
+    def sample(self) -> CpuLoad | None:
+        ticks = _busy_ticks(self.cpus)
+        if ticks is None:
+            return None
+        now, own = time.monotonic(), time.process_time()
+        last, self._last = self._last, (now, ticks[0], ticks[1], own)
+        if last is None or ticks[1] <= last[2]:
+            return None
+        dt = now - last[0]
+        frac = (ticks[0] - last[1]) / (ticks[1] - last[2])  # busy share of the allowed CPUs' time
+        return CpuLoad(len(self.cpus), frac * len(self.cpus), (own - last[3]) / dt, dt)
+
+
+def measure_load(seconds: float = 0.5) -> CpuLoad | None:
+    """The load over the next `seconds` (for doctor: this process idles meanwhile)."""
+    meter = CpuLoadMeter()
+    meter.sample()
+    time.sleep(seconds)
+    return meter.sample()
+
+
+class ThreadGovernor:
+    """Picks the intra-op thread count between engine steps: the usable cores minus the cores other
+    processes keep busy, re-read every `interval_s`. A change needs two readings in a row, so a
+    short burst elsewhere does not flip it back and forth. With `fixed` (--num-threads) it only
+    applies that number once."""
+
+    def __init__(self, max_threads: int, fixed: bool = False, interval_s: float = 0.5, set_threads=None) -> None:
+        import torch
+
+        self.max_threads = max(1, max_threads)
+        self.fixed = fixed
+        self.interval_s = interval_s
+        self._set = set_threads or torch.set_num_threads
+        self._meter = CpuLoadMeter()
+        self._next = 0.0
+        self._proposal: int | None = None
+        self.threads = self.max_threads
+        self.changes = 0
+        self._set(self.threads)
+
+    def target(self, load: CpuLoad) -> int:
+        """Threads for this load: leave a core to neighbours using a quarter of one or more. (Sharing a core,
+        a busy neighbour gets only about half of it, so that is what a reading at full threads shows.)"""
+        return max(1, min(self.max_threads, self.max_threads - int(load.others + 0.75)))
+
+    def tick(self) -> int:
+        """Call between steps; cheap unless a reading is due. Returns the thread count in force."""
+        if self.fixed or self.max_threads == 1:
+            return self.threads
+        now = time.monotonic()
+        if now < self._next:
+            return self.threads
+        self._next = now + self.interval_s
+        load = self._meter.sample()
+        if load is None:
+            return self.threads
+        want = self.target(load)
+        if want == self.threads:
+            self._proposal = None
+        elif self._proposal == want:
+            self.threads, self._proposal = want, None
+            self.changes += 1
+            self._set(want)
+        else:
+            self._proposal = want
+        return self.threads
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim). Loading leaves ~300 MB of freed
+    temporaries in malloc's arenas, which a long-running server would otherwise keep as RSS."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)

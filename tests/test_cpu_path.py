@@ -1,0 +1,200 @@
+"""The CPU fast path (issue 15): thread choice, start-up pieces, and each rewritten op against a reference."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from membound import cpu
+from membound.attention.torch_paged import _decode_bmm, decode_attention
+from membound.config import EngineConfig
+from membound.engine.kv_cache import _lazy_zeros
+from membound.errors import ConfigError
+from membound.layers.rotary import apply_rope, half_tables
+from membound.quant.linear import Int4Linear, Int8Embedding
+
+# ------------------------------------------------------------------ cores and threads
+
+
+def test_usable_cores_follow_affinity_and_cgroup_quota(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: None)
+    assert cpu.usable_cores() == 4
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 2.5)
+    assert cpu.usable_cores() == 2
+    monkeypatch.setattr(cpu, "cgroup_cpu_limit", lambda: 0.5)
+    assert cpu.usable_cores() == 1
+
+
+def test_cgroup_quota_is_read_from_cpu_max(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cpu.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpu.cgroup_cpu_limit(tmp_path) is None
+    assert cpu.cgroup_cpu_limit(tmp_path / "missing") is None
+
+
+class FakeMeter:
+    def __init__(self, others: list[float]) -> None:
+        self.others = others
+
+    def sample(self):
+        return cpu.CpuLoad(cores=2, busy=2.0, own=2.0 - self.others.pop(0), interval_s=0.5)
+
+
+def governor(others: list[float], fixed: bool = False) -> tuple[cpu.ThreadGovernor, list[int]]:
+    calls: list[int] = []
+    g = cpu.ThreadGovernor(2, fixed=fixed, interval_s=0.0, set_threads=calls.append)
+    g._meter = FakeMeter(others)
+    return g, calls
+
+
+def test_governor_gives_up_a_core_a_neighbour_keeps_busy_and_takes_it_back():
+    # Sharing a core, a busy neighbour shows as about half a core: two such readings drop a thread.
+    g, calls = governor([0.5, 0.5, 1.0, 0.0, 0.0])
+    assert [g.tick() for _ in range(5)] == [2, 1, 1, 1, 2]
+    assert calls == [2, 1, 2] and g.changes == 2
+
+
+def test_governor_ignores_a_single_burst_and_small_loads():
+    g, calls = governor([0.9, 0.0, 0.2, 0.1, 0.2])
+    assert [g.tick() for _ in range(5)] == [2, 2, 2, 2, 2]
+    assert calls == [2] and g.changes == 0
+
+
+def test_fixed_thread_count_is_applied_once_and_kept():
+    g, calls = governor([1.0, 1.0, 1.0], fixed=True)
+    assert [g.tick() for _ in range(3)] == [2, 2, 2] and calls == [2]
+
+
+def test_load_meter_reads_proc_stat():
+    meter = cpu.CpuLoadMeter()
+    if meter.sample() is None and not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    x = 0
+    for i in range(2_000_000):  # keep this process busy for a moment
+        x += i
+    load = meter.sample()
+    assert load is not None and load.own > 0.3 and 0 <= load.others <= load.cores
+
+
+def test_num_threads_is_validated_and_reaches_the_engine(tiny_model_dir):
+    with pytest.raises(ConfigError, match="num_threads must be a positive integer"):
+        EngineConfig(num_threads=0)
+    from membound import LLM
+
+    before = torch.get_num_threads()
+    try:
+        llm = LLM(str(tiny_model_dir), num_threads=1, skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 20)
+        assert torch.get_num_threads() == 1 and llm.engine.stats().num_threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_dtype_on_cpu_is_bf16_only_for_packed_weights_on_bf16_hardware(monkeypatch):
+    c, dev = EngineConfig(), torch.device("cpu")
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: True)
+    assert c.torch_dtype(dev, packed_weights=True) == torch.bfloat16
+    assert c.torch_dtype(dev, packed_weights=False) == torch.float32
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: False)
+    assert c.torch_dtype(dev, packed_weights=True) == torch.float32
+    assert EngineConfig(dtype="bf16").torch_dtype(dev) == torch.bfloat16
+
+
+# ------------------------------------------------------------------ start-up pieces
+
+
+def test_metadata_reader_matches_gguf_reader_and_skips_only_big_string_arrays():
+    from gguf import GGUFReader
+
+    from membound.model.loader import GGUFFile
+    from membound.model.registry import default_model_path
+
+    path = default_model_path()
+    ours, theirs = GGUFFile(path), GGUFReader(path)
+    assert [t.name for t in ours.reader.tensors] == [t.name for t in theirs.tensors]
+    assert all(
+        a.data_offset == b.data_offset and a.tensor_type == b.tensor_type
+        for a, b in zip(ours.reader.tensors, theirs.tensors, strict=True)
+    )
+    skipped = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges"}  # 49k and 48k strings: only their length
+    for key, field in theirs.fields.items():
+        if key in skipped:
+            assert ours.array_length(key) == len(field.data) and ours.field(key) == []
+        else:  # scalars, strings, and numeric arrays (token types) read whole as one view
+            assert ours.field(key) == field.contents(), key
+    assert ours.config().vocab_size == len(theirs.fields["tokenizer.ggml.tokens"].data) == 49152
+
+
+def test_lazy_zeros_are_zero_and_writable():
+    t = _lazy_zeros((3, 2, 5, 4), torch.bfloat16)
+    assert t.shape == (3, 2, 5, 4) and t.dtype == torch.bfloat16 and not t.any()
+    t[1, 1] = 2.0
+    assert t.sum().item() == 40.0
+
+
+# ------------------------------------------------------------------ ops against references
+
+
+def test_rope_roll_form_matches_the_half_by_half_rotation():
+    gen = torch.Generator().manual_seed(0)
+    t, h, d = 5, 4, 16
+    x = torch.randn(t, h, d, generator=gen)
+    theta = torch.rand(t, d // 2, generator=gen) * 6
+    cos, sin = theta.cos(), theta.sin()
+    full_cos, signed_sin = torch.cat((cos, cos), -1)[:, None], torch.cat((-sin, sin), -1)[:, None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    want = torch.cat((x1 * cos[:, None] - x2 * sin[:, None], x2 * cos[:, None] + x1 * sin[:, None]), -1)
+    torch.testing.assert_close(apply_rope(x, full_cos, signed_sin), want)
+    c, s = half_tables(full_cos, signed_sin)
+    assert torch.equal(c, cos) and torch.equal(s, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,window", [(1, None), (1, 7), (4, None), (4, 9)])
+def test_sdpa_decode_attention_matches_the_matmul_reference(dtype, batch, window):
+    gen = torch.Generator().manual_seed(batch)
+    kvh, h, d, bs, blocks = 2, 6, 16, 4, 12
+    k_cache = torch.randn(kvh, blocks, bs, d, generator=gen).to(dtype)
+    v_cache = torch.randn(kvh, blocks, bs, d, generator=gen).to(dtype)
+    q = torch.randn(batch, h, d, generator=gen).to(dtype)
+    lens = torch.tensor([11, 5, 16, 9][:batch], dtype=torch.int32)
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:4] for _ in range(batch)]).to(torch.int32)
+    got = decode_attention(q, k_cache, v_cache, tables, lens, 0.25, window, None, int(lens.max()))
+    want = _decode_bmm(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.25, window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_int4_dense_rows_match_the_packed_kernel_and_leave_decode_rows_alone():
+    gen = torch.Generator().manual_seed(3)
+    n, k = 192, 128
+    layer = Int4Linear.quantize(torch.randn(n, k, generator=gen), 32)
+    x = torch.randn(70, k, generator=gen).to(torch.bfloat16)
+    packed = layer(x)
+    mixed = layer.forward_rows(x, 6)
+    assert torch.equal(mixed[:6], packed[:6])  # decode rows: the packed kernel, bit for bit
+    exact = x.float() @ layer.dequantize().t()
+    torch.testing.assert_close(mixed[6:].float(), exact[6:], atol=0.01 * exact.abs().max().item(), rtol=0)  # bf16
+
+
+def test_int8_head_planes_give_the_table_s_logits():
+    gen = torch.Generator().manual_seed(4)
+    n, k, g = 128, 96, 32
+    q = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    d = torch.rand(n, k // g, generator=gen) * 0.02
+    m = torch.rand(n, k // g, generator=gen) * 0.01
+    emb = Int8Embedding(q, d, m, g, dtype=torch.bfloat16)
+    assert emb.planes_nbytes() > 0
+    x = torch.randn(3, k, generator=gen)
+    w = (q.float().view(n, -1, g) * d[..., None] + m[..., None]).view(n, k)
+    want = x.bfloat16().float() @ w.t()
+    got = emb.logits(x.bfloat16()).float()
+    torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0)
+    fp32 = Int8Embedding(q, d, m, g, dtype=torch.float32)  # no planes: the exact chunked path
+    assert fp32.planes_nbytes() == 0
+    torch.testing.assert_close(fp32.logits(x), x @ w.t(), atol=1e-4, rtol=1e-4)
+    assert np.isfinite(got.numpy()).all()
