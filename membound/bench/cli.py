@@ -261,7 +261,9 @@ def cmd_walls(a, engine_config) -> int:
     result = {"record": common.run_record(engine), "ceilings": dataclasses.asdict(ceil), **out}
     text = (
         f"{result['record']['model']} on {result['record']['device']}, batch {a.batch}, context {a.context}: "
-        f"{out['step_ms']:.2f} ms per step, {out['tok_s']:,.1f} tok/s\n"
+        f"{out['step_ms']:.2f} ms per step, {out['tok_s']:,.1f} tok/s"
+        + (f", {out['ops_per_step']:,} PyTorch ops per step" if out.get("ops_per_step") else "")
+        + "\n"
         + common.table(
             out["walls"],
             [("wall", "wall", "s"), ("ms", "ms/step", ",.3f"), ("share_of_step", "of step", ".1%"), ("what", "", "s")],

@@ -35,11 +35,12 @@ def _synchronous(engine: LLMEngine):
 def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, steps: int = 16) -> dict:
     rng = random.Random(0)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=steps + 3, ignore_eos=True)
     for i in range(batch):
         engine.add_request(f"w{i}", [rng.randrange(1, vocab) for _ in range(context)], params)
     while any((engine.num_output_tokens(r) or 0) < 2 for r in engine.request_ids()):
         engine.step()  # prefill, and one decode step to warm up
+    ops = _cpu_op_split(engine) if engine.device.type == "cpu" else None
     spent = dict.fromkeys(("scheduling", "input_prep", "forward", "output"), 0.0)
     with _synchronous(engine):
         t = time.perf_counter()
@@ -82,8 +83,19 @@ def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, s
             else "decode runs eagerly here (CUDA graphs on GPUs unless --enforce-eager)",
         ),
     ]
+    if ops is not None:
+        rows.insert(
+            3,
+            (
+                "  of which matmul kernels",
+                ops["matmul_s"] * step / ops["step_s"],
+                f"packed int4/int8 and dense matmuls; the other {ops['ops'] - ops['matmul_ops']:,} of "
+                f"{ops['ops']:,} PyTorch ops per step (profiled, shares scaled to the step) make the rest",
+            ),
+        )
     return {
         "batch": batch,
+        "ops_per_step": None if ops is None else ops["ops"],
         "context": context,
         "step_ms": step * 1000,
         "tok_s": batch / step,
@@ -98,4 +110,28 @@ def run(engine: LLMEngine, ceil: Ceilings, batch: int = 1, context: int = 128, s
             }
             for w, v, d in rows
         ],
+    }
+
+
+# The CPU ops that do a layer's multiply-accumulates; everything else in a CPU step is op overhead and
+# small elementwise work (issue 15: 7,451 ops a step once, ~250 per layer).
+_MATMUL_OPS = ("aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "aten::mm", "aten::addmm", "aten::bmm")
+
+
+def _cpu_op_split(engine: LLMEngine) -> dict:
+    """One more decode step under torch.profiler: PyTorch ops it ran (nested ones included, as the
+    profiler counts them) and the self time of the matmul kernels among them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _synchronous(engine), profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        engine.step()
+        step = time.perf_counter() - t
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    matmuls = [e for e in events if e.name in _MATMUL_OPS]
+    return {
+        "ops": len(events),
+        "matmul_ops": len(matmuls),
+        "matmul_s": sum(e.self_cpu_time_total for e in matmuls) / 1e6,
+        "step_s": step,
     }
