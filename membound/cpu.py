@@ -163,9 +163,11 @@ class ThreadGovernor:
         self._set(self.threads)
 
     def target(self, load: CpuLoad) -> int:
-        """Threads for this load: leave a core to neighbours using a quarter of one or more. (Sharing a core,
-        a busy neighbour gets only about half of it, so that is what a reading at full threads shows.)"""
-        return max(1, min(self.max_threads, self.max_threads - int(load.others + 0.75)))
+        """Threads for this load: the allowed CPUs others leave free, where a neighbour using a quarter
+        of a core or more takes that core (sharing a core, a busy neighbour gets only about half of
+        it, so that is what a reading at full threads shows), at most max_threads (a cgroup quota
+        without a cpuset allows every host CPU but fewer cores' worth of time)."""
+        return max(1, min(self.max_threads, int(load.cores - load.others + 0.25)))
 
     def tick(self) -> int:
         """Call between steps; cheap unless a reading is due. Returns the thread count in force."""

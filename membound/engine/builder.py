@@ -1,4 +1,5 @@
-"""Builds an engine's parts, in order: load (packed-first, quantized) -> tokenizer -> profile ->
+"""Builds an engine's parts, in order: load (packed-first, quantized; the tokenizer loads on a second
+thread meanwhile) -> profile ->
 plan memory -> allocate the KV cache -> scheduler, input batch, runner -> warm up kernels ->
 capture CUDA graphs. Everything that happens once, at start-up, lives here; `core.py` is the
 loop and nothing else.
@@ -76,7 +77,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
     threads = None
     if device.type == "cpu":
         # Before any op runs: the load and the warm-up already use the thread count.
-        threads = ThreadGovernor(config.num_threads or usable_cores(), fixed=config.num_threads is not None)
+        # Never more than the process was given (OMP_NUM_THREADS, or the application's own setting).
+        cores = min(usable_cores(), torch.get_num_threads())
+        threads = ThreadGovernor(config.num_threads or cores, fixed=config.num_threads is not None)
     backend = get_backend(config.attention_backend, device)
     gguf = open_gguf(source)
     mc = load_config(source, gguf)

@@ -68,14 +68,19 @@ def allocate_kv_cache(spec: KVCacheSpec, num_blocks: int, device: torch.device) 
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zero tensor whose pages are not touched: calloc (through numpy) maps fresh zero pages for a
-    large request, where torch.zeros writes every byte (a 2 GiB CPU cache was 2 GiB of RSS at once)."""
-    import numpy as np
+    """A zero tensor whose pages are not touched: an anonymous mapping is fresh zero pages, committed
+    one by one as written, where torch.zeros writes every byte (a 2 GiB CPU cache was 2 GiB of RSS at
+    once). Small pages on purpose: each block spans layers x 2 x KV heads regions, and transparent
+    huge pages (which numpy asks for) would commit 2 MiB for each of them at the first block."""
+    import mmap
 
     nbytes = torch.empty((), dtype=dtype).element_size()
     for d in shape:
         nbytes *= d
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(buf, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)  # the tensor keeps buf alive
 
 
 def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -> bytes:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalize in fp32 whatever the run dtype, as the reference models do; round, then scale."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    """x * rsqrt(mean(x^2) + eps) * weight in fp32 whatever the run dtype, rounded once (PyTorch's
+    rms_norm; HF rounds before scaling, which in bf16 turned SmolLM2's "Paris" into a loop)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
 def add_rms_norm(

@@ -273,15 +273,16 @@ def resolve_quantization(quantization: str | None, source: ModelSource, gguf: GG
 
 
 def runs_packed(quantization: str, gguf: GGUFFile | None) -> bool:
-    """Whether the decoder's matrices will run on packed int4/int8 kernels: int4/int8, or a GGUF whose
-    layers hold a quantized type membound keeps packed (an all-F32 GGUF runs dequantized)."""
+    """Whether the decoder's matrices will run on the packed bf16 CPU kernels: int4/int8, or a GGUF whose
+    layers hold a 4-bit type membound keeps packed as int4 (an all-F32 GGUF runs dequantized)."""
     if quantization in ("int4", "int8"):
         return True
     if quantization != "gguf" or gguf is None:
         return False
     from membound.quant.gguf_blocks import LAYER_FORMAT
 
-    return bool(gguf.layer_quant_types() & set(LAYER_FORMAT))
+    # Only the int4 kernel computes in bf16: group-wise int8 (Q8_0, Q5_x, Q6_K) layers multiply in fp32.
+    return any(LAYER_FORMAT.get(t) == "int4" for t in gguf.layer_quant_types())
 
 
 def load_model(

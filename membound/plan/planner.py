@@ -120,10 +120,10 @@ def runs_packed(weight_format: str) -> bool:
     layers hold a type it keeps packed; load_shape names a GGUF's format "GGUF (Q4_1 x 210, ...)")."""
     from membound.quant.gguf_blocks import LAYER_FORMAT
 
-    if weight_format in ("int4", "int8") or weight_format in LAYER_FORMAT:
+    if weight_format in ("int4", "int8") or LAYER_FORMAT.get(weight_format) == "int4":
         return True
     types = weight_format.removeprefix("GGUF (").rstrip(")").split(", ")
-    return weight_format.startswith("GGUF") and any(t.split(" x ")[0] in LAYER_FORMAT for t in types)
+    return weight_format.startswith("GGUF") and any(LAYER_FORMAT.get(t.split(" x ")[0]) == "int4" for t in types)
 
 
 def resolve_kv_dtype(kv_dtype: str, gpu: GPUSpec, packed: bool = False) -> str:

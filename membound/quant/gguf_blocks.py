@@ -318,7 +318,8 @@ def load_gguf_packed(model, gguf, device: torch.device | None = None) -> dict[st
     if emb is not None and emb.tensor_type.name in LAYER_FORMAT:
         g = unpack(emb.data, emb.tensor_type.name)
         q, s, z = int8_from_groups(g) if LAYER_FORMAT[g.qtype] == "int8" else _int4_as_int8(g)
-        model.embed_tokens = Int8Embedding(q.to(device), s.to(device), _to(z, device), g.group, dtype)
+        tied = model.lm_head is None
+        model.embed_tokens = Int8Embedding(q.to(device), s.to(device), _to(z, device), g.group, dtype, head=tied)
         kept([g.qtype])
     elif emb is not None and emb.tensor_type.name not in ("F32", "F16", "BF16"):
         left(1)

@@ -205,11 +205,13 @@ class Int8Embedding(Int8Linear):
         zero: torch.Tensor | None = None,
         group_size: int | None = None,
         dtype: torch.dtype = torch.float32,
+        head: bool = True,
     ) -> None:
+        """head: also the (tied) LM head; only then are the nibble planes for `logits` built."""
         super().__init__(qweight, scale, zero, group_size)
         self.out_dtype = dtype  # what lookups return: the model's activation dtype
         self._planes: tuple[torch.Tensor, torch.Tensor] | None = None
-        if dtype == torch.bfloat16 and qweight.device.type == "cpu":
+        if head and dtype == torch.bfloat16 and qweight.device.type == "cpu":
             self._planes = _nibble_planes(self.qweight, self.scale, self.zero, self.group_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -359,7 +361,9 @@ class Int4Linear(QuantLinear):
             return self(x)
         n, k, g = self.out_features, self.in_features, self.group_size
         packed, sz = self._cpu_pack
-        blocks = packed.view(n // 64, k, 32)  # the kernel's layout: rows r and r + 32 of each 64 per byte
+        blocks = packed.view(torch.uint8).view(
+            n // 64, k, 32
+        )  # the kernel's layout: rows r and r + 32 of each 64 per byte
         q = torch.cat((blocks & 15, blocks >> 4), 2).transpose(0, 1).reshape(k // g, g, n).to(torch.bfloat16)
         scale = sz[..., 0]  # [K / g, N]: w = q * scale + (zero - 8 scale)
         w_t = torch.addcmul((sz[..., 1] - 8 * scale)[:, None], q, scale[:, None]).view(k, n)
@@ -382,7 +386,7 @@ def _knows_cpu_pack_layout() -> bool:
     ([N / 64, K, 32] bytes, row r in the low and row r + 32 in the high nibble): checked once on a
     small matrix, so a PyTorch that changes the layout loses the dense path, not correctness."""
     n, k = 128, 64
-    q = torch.arange(n * k, dtype=torch.int32).reshape(n, k).mul(7).remainder(16)
+    q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     blocks = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2).view(torch.uint8).view(n // 64, k, 32)
     got = torch.cat((blocks & 15, blocks >> 4), 2).permute(0, 2, 1).reshape(n, k)
     return torch.equal(got.to(torch.int32), q)
