@@ -64,6 +64,26 @@ def gather_blocks(
     return (x.to(torch.float32) * torch.index_select(scales, 1, blocks)[..., None]).to(dtype)
 
 
+def _gather_sequences(q, k_cache, v_cache, block_tables, kv_scales) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's blocks, keys and values [KVH, B, L, D] in q's dtype (L = the table's width in
+    tokens). index_select is several times faster than advanced indexing for this gather on CPU."""
+    kvh, _, block_size, d = k_cache.shape
+    b, width = block_tables.shape[0], block_tables.shape[1] * block_size
+    flat = block_tables.reshape(-1)
+    keys = gather_blocks(k_cache, None if kv_scales is None else kv_scales[0], flat, q.dtype)
+    values = gather_blocks(v_cache, None if kv_scales is None else kv_scales[1], flat, q.dtype)
+    return keys.view(kvh, b, width, d), values.view(kvh, b, width, d)
+
+
+def _visible(width: int, seq_lens: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """[B, L] bool: the cached positions each sequence's one new token attends to."""
+    pos = torch.arange(width, device=seq_lens.device)
+    valid = pos[None, :] < seq_lens[:, None]
+    if sliding_window is not None:
+        valid &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
+    return valid
+
+
 def decode_attention(
     q: torch.Tensor,  # [B, H, D], one query per sequence
     k_cache: torch.Tensor,
@@ -83,23 +103,16 @@ def decode_attention(
     lone = b == 1 and max_seq_len is not None and sliding_window is None
     if not lone and q.dtype == torch.float32:
         return _decode_bmm(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, kv_scales)
-    kvh, _, block_size, _ = k_cache.shape
-    width = block_tables.shape[1] * block_size
-    flat = block_tables.reshape(-1)
-    keys = gather_blocks(k_cache, None if kv_scales is None else kv_scales[0], flat, q.dtype)
-    values = gather_blocks(v_cache, None if kv_scales is None else kv_scales[1], flat, q.dtype)
-    keys = keys.view(kvh, b, width, d).transpose(0, 1)  # [B, KVH, L, D]
-    values = values.view(kvh, b, width, d).transpose(0, 1)
+    keys, values = _gather_sequences(q, k_cache, v_cache, block_tables, kv_scales)
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [B, KVH, L, D]
     mask = None
     if lone:
         keys, values = keys[:, :, :max_seq_len], values[:, :, :max_seq_len]
     else:
-        pos = torch.arange(width, device=q.device)
-        mask = pos[None, :] < seq_lens[:, None]
-        if sliding_window is not None:
-            mask &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=h != kvh)
+        mask = _visible(keys.shape[2], seq_lens, sliding_window)[:, None, None, :]  # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=h != k_cache.shape[0]
+    )
     return out.view(b, h, d)
 
 
@@ -116,21 +129,15 @@ def _decode_bmm(
     """decode_attention as two batched matmuls around a masked softmax (fp32 batches, where CPU SDPA
     with a mask is 5x slower than this)."""
     b, h, d = q.shape
-    kvh, _, block_size, _ = k_cache.shape
-    max_len = block_tables.shape[1] * block_size
-    # Gather every sequence's blocks head-major, [KVH * B, L, D], so both products are plain
-    # batched matmuls with no layout copies, and query heads sharing a KV head go together (GQA).
-    # index_select is several times faster than advanced indexing for this gather on CPU.
-    flat = block_tables.reshape(-1)
-    keys = gather_blocks(k_cache, None if kv_scales is None else kv_scales[0], flat, q.dtype)
-    values = gather_blocks(v_cache, None if kv_scales is None else kv_scales[1], flat, q.dtype)
-    keys, values = keys.view(kvh * b, max_len, d), values.view(kvh * b, max_len, d)
+    kvh = k_cache.shape[0]
+    keys, values = _gather_sequences(q, k_cache, v_cache, block_tables, kv_scales)
+    max_len = keys.shape[2]
+    # Head-major, [KVH * B, L, D]: both products are plain batched matmuls with no layout copies,
+    # and query heads sharing a KV head go together (GQA).
+    keys, values = keys.reshape(kvh * b, max_len, d), values.reshape(kvh * b, max_len, d)
     qg = q.reshape(b, kvh, h // kvh, d).transpose(0, 1).reshape(kvh * b, h // kvh, d)
     scores = torch.bmm(qg, keys.transpose(1, 2)).float() * scale  # [KVH * B, G, L]
-    pos = torch.arange(max_len, device=q.device)
-    valid = pos[None, :] < seq_lens[:, None]
-    if sliding_window is not None:
-        valid &= pos[None, :] > (seq_lens[:, None] - 1 - sliding_window)
+    valid = _visible(max_len, seq_lens, sliding_window)
     scores = scores.view(kvh, b, -1, max_len).masked_fill(~valid[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(kvh * b, -1, max_len)
     out = torch.bmm(probs.to(q.dtype), values)  # [KVH * B, G, D]
