@@ -21,6 +21,14 @@ from membound.model.config import ModelConfig, rope_inv_freq
 from membound.quant.linear import DENSE_MIN_ROWS
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its random init: the loader fills every weight (and kaiming_uniform_ on the
+    meta device, where the loader builds the model, imports PyTorch's decompositions: 0.4 s of start-up)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def project(layer: nn.Module, x: torch.Tensor, dense_from: int | None) -> torch.Tensor:
     """layer(x), or for a packed layer with a dense path (quant.linear.Int4Linear.forward_rows on CPU)
     rows [dense_from:] through it: a prefill of many rows multiplies faster from a dequantized copy."""
@@ -35,8 +43,8 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v projections fused into one matmul: one weight read, one launch.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.backend = backend
@@ -79,8 +87,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, kernels: LayerKernels) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
@@ -142,7 +150,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend, kernels) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
         self,

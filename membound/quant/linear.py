@@ -242,22 +242,21 @@ class Int8Embedding(Int8Linear):
 
 
 def _nibble_planes(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, rows_per_chunk: int = 1024
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int, rows_per_chunk: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A group-wise int8 matrix w = q * d + m as two 4-bit planes for the CPU tinygemm kernel, side by side
     along K: u = q + 128 = 16 hi + lo, so w = (hi - 8) 16 d + (lo - 8) d + (8 d + m). The integer grid
     is exact; d, 16 d and 8 d + m are rounded to bf16 (the kernel's dtype, as for the int4 layers).
     Returns (packed [N, K], scale-and-zero [2 K / group, N, 2]), or None where the kernel does not take
-    the shape. Packed in chunks of rows (the layout is blocked by 64 rows), so no int32 copy of the
-    whole table exists at once."""
+    the shape. Packed in chunks of rows (the layout is blocked by 64 rows), so no copy of the whole
+    table exists at once."""
     n, k = q.shape
     if n % 64 or k % 2 or group_size not in (16, 32, 64, 128, 256):
         return None
     packs = []
     for i in range(0, n, rows_per_chunk):
-        u = q[i : i + rows_per_chunk].to(torch.int32) + 128
-        planes = torch.cat((u >> 4, u & 15), dim=1).contiguous()  # [rows, 2K]: hi plane, then lo plane
-        packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(planes, 2))
+        u = (q[i : i + rows_per_chunk].to(torch.int16) + 128).to(torch.uint8)
+        packs.append(_int4pack_for_cpu(torch.cat((u >> 4, u & 15), dim=1)))  # [rows, 2K]: hi plane, then lo
     d = scale.float()
     m = torch.zeros_like(d) if zero is None else zero.float()
     s_hi, z_hi = 16 * d, torch.zeros_like(d)
@@ -295,7 +294,7 @@ class Int4Linear(QuantLinear):
         self._cpu_pack: tuple[torch.Tensor, torch.Tensor] | None = None
         self._cpu_ok = q.device.type == "cpu" and n % 16 == 0 and k % 2 == 0
         if self._cpu_ok:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+            packed = _int4pack_for_cpu(q)
             sz = torch.stack([scale.float(), zero.float()], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
             self._cpu_pack = (packed, sz)
             # The kernel's layout replaces the plain nibbles on CPU: keep one copy, not two.
@@ -378,6 +377,17 @@ class Int4Linear(QuantLinear):
             if moved.device.type != "cpu":
                 raise RuntimeError("an int4 layer packed for the CPU kernel cannot move to another device")
         return super()._apply(fn, recurse)
+
+
+def _int4pack_for_cpu(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in [0, 15] in the CPU int4 kernel's layout. Where the layout is the known one
+    (`_knows_cpu_pack_layout`) it is built from bytes directly: the ATen op takes int32 codes, a 4x
+    copy of the matrix that made up a quarter of the default model's load time."""
+    n, k = q.shape
+    if n % 64 or not _knows_cpu_pack_layout():
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
+    rows = q.to(torch.uint8).view(n // 64, 2, 32, k)  # each block of 64 rows: rows r and r + 32 share a byte
+    return (rows[:, 0] | (rows[:, 1] << 4)).transpose(1, 2).contiguous().view(n, k // 2)
 
 
 @functools.cache
