@@ -9,6 +9,7 @@ same load reading to say why a CPU run is slow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -192,17 +193,33 @@ class ThreadGovernor:
         return self.threads
 
 
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc malloc_trim). Loading leaves ~300 MB of freed
-    temporaries in malloc's arenas, which a long-running server would otherwise keep as RSS."""
+def _libc():
+    """glibc's malloc controls, or None (another libc, or none found)."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+@contextlib.contextmanager
+def loading_heap():
+    """While loading, allocations of 2 MiB and more get their own pages, returned to the OS when freed:
+    with glibc's default (a threshold that grows to each freed size) loading's temporaries stay in
+    the heap, and the peak RSS climbs ~10 MB a layer. Afterwards the threshold is left at 4 MiB, so a
+    step's activations (a 512-token prefill's largest is 3 MiB) still reuse heap memory. Then the
+    heap's free pages go back (malloc_trim)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 2 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 4 << 20)
+            libc.malloc_trim(0)

@@ -8,6 +8,7 @@ loop and nothing else.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -18,7 +19,7 @@ import torch
 from membound.attention import AttentionBackend, get_backend
 from membound.attention.base import AttentionMetadata
 from membound.config import EngineConfig
-from membound.cpu import ThreadGovernor, release_free_memory, usable_cores
+from membound.cpu import ThreadGovernor, loading_heap, usable_cores
 from membound.engine.block_pool import BlockPool
 from membound.engine.core import EngineCore
 from membound.engine.cuda_graphs import DecodeGraphs
@@ -109,7 +110,8 @@ def build_engine(config: EngineConfig) -> EngineParts:
         tokenizer_future = None
         if not config.skip_tokenizer_init and source.path is not None:
             tokenizer_future = pool.submit(Tokenizer.from_model_path, source.path)
-        loaded = load_model(source, backend, dtype, device, max_model_len, config.seed, gguf, config.quantization)
+        with loading_heap() if device.type == "cpu" else contextlib.nullcontext():
+            loaded = load_model(source, backend, dtype, device, max_model_len, config.seed, gguf, config.quantization)
         tokenizer = None if tokenizer_future is None else tokenizer_future.result()
     model = loaded.model
     eos = set(mc.eos_token_ids)
@@ -163,8 +165,6 @@ def build_engine(config: EngineConfig) -> EngineParts:
     # Overlap host and device work where there is a device to overlap with.
     async_scheduling = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
     core = EngineCore(scheduler, runner, input_batch, async_scheduling, threads)
-    if device.type == "cpu":
-        release_free_memory()
     log.info(
         "loaded %s (%s, %s) on %s in %.1fs; %s",
         source.name,

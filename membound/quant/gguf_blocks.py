@@ -311,6 +311,7 @@ def load_gguf_packed(model, gguf, device: torch.device | None = None) -> dict[st
             bias = None if module.bias is None else module.bias.data
             parts = _layer_groups(gguf, i, names, cfg)
             setattr(getattr(layer, owner), attr, _build(parts, bias, device))
+            gguf.release_pages(*(f"blk.{i}.{n}.weight" for n in names))
             kept(types)
 
     dtype = model.norm.weight.dtype
@@ -320,6 +321,7 @@ def load_gguf_packed(model, gguf, device: torch.device | None = None) -> dict[st
         q, s, z = int8_from_groups(g) if LAYER_FORMAT[g.qtype] == "int8" else _int4_as_int8(g)
         tied = model.lm_head is None
         model.embed_tokens = Int8Embedding(q.to(device), s.to(device), _to(z, device), g.group, dtype, head=tied)
+        gguf.release_pages("token_embd.weight")
         kept([g.qtype])
     elif emb is not None and emb.tensor_type.name not in ("F32", "F16", "BF16"):
         left(1)
