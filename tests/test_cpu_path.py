@@ -13,6 +13,7 @@ from membound.attention.torch_paged import decode_attention
 from membound.config import EngineConfig
 from membound.engine.kv_cache import _lazy_zeros
 from membound.errors import ConfigError
+from membound.kernels import cpu as cpu_ops
 from membound.layers.rotary import apply_rope, half_tables
 from membound.quant.linear import Int4Linear, Int8Embedding
 
@@ -227,9 +228,82 @@ def test_released_gguf_pages_read_back_the_same_bytes():
     assert np.array_equal(np.array(g.tensors[name].data), before)  # faulted back in from the file
 
 
-def test_loading_heap_restores_a_fixed_threshold_and_runs_its_body():
-    ran = []
-    with cpu.loading_heap():
-        ran.append(bytearray(8 << 20))  # a big temporary, freed below
-    del ran[0]
-    assert ran == []
+# ------------------------------------------------------------------ the fused C ops (kernels/cpu_ops.c)
+
+needs_c_ops = pytest.mark.skipif(not cpu_ops.available(), reason="membound.kernels._cpu_ops not built")
+
+
+def test_c_ops_are_built_where_a_compiler_is():
+    import shutil
+
+    assert cpu_ops.available() or shutil.which("cc") is None and shutil.which("gcc") is None
+
+
+@needs_c_ops
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_c_add_rms_norm_matches_the_pytorch_one(with_residual):
+    from membound.layers.norm import add_rms_norm
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 96, generator=gen).to(torch.bfloat16)
+    res = torch.randn(7, 96, generator=gen).to(torch.bfloat16) if with_residual else None
+    w = (torch.rand(96, generator=gen) + 0.5).to(torch.bfloat16)
+    want_h, want_r = add_rms_norm(x, res, w, 1e-5)
+    got_h, got_r = cpu_ops.add_rms_norm(x.clone(), None if res is None else res.clone(), w, 1e-5)
+    assert torch.equal(got_r, want_r)  # the sum, rounded to bf16 once, as PyTorch does
+    torch.testing.assert_close(got_h.float(), want_h.float(), atol=0, rtol=8e-3)  # within one bf16 ulp
+
+
+@needs_c_ops
+def test_c_rope_write_kv_matches_the_pytorch_one():
+    from membound.layers.rotary import rope_write_kv
+
+    gen = torch.Generator().manual_seed(6)
+    t, h, kvh, d, blocks, bs = 5, 6, 2, 16, 4, 4
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen).to(torch.bfloat16)
+    q, k, v = qkv.split([h * d, kvh * d, kvh * d], -1)
+    q, k, v = q.view(t, h, d), k.view(t, kvh, d), v.view(t, kvh, d)
+    theta = torch.rand(9, d // 2, generator=gen) * 6
+    cos, sin = theta.cos().to(torch.bfloat16), theta.sin().to(torch.bfloat16)
+    rows = torch.tensor([3, 0, 8, 8, 1])
+    slots = torch.randperm(blocks * bs, generator=gen)[:t]
+    caches = [[torch.randn(kvh, blocks, bs, d, generator=gen).to(torch.bfloat16) for _ in range(2)] for _ in range(2)]
+    caches[1] = [c.clone() for c in caches[0]]
+    want = rope_write_kv(q, k, v, cos, sin, rows, caches[0][0], caches[0][1], slots)
+    got = cpu_ops.rope_write_kv(qkv, h, kvh, d, cos, sin, rows, caches[1][0], caches[1][1], slots)
+    # PyTorch rounds x cos to bf16 before adding; the C op rounds once: a bf16 ulp of the inputs apart.
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(caches[1][0].float(), caches[0][0].float(), atol=1e-2, rtol=8e-3)
+    untouched = torch.ones(blocks * bs, dtype=torch.bool)
+    untouched[slots] = False
+    cache_k = caches[1][0].view(kvh, -1, d)
+    assert torch.equal(cache_k[:, untouched], caches[0][0].view(kvh, -1, d)[:, untouched])  # other slots kept
+    assert torch.equal(caches[1][1], caches[0][1])  # v copied as it is
+
+
+@needs_c_ops
+def test_c_decode_attention_is_the_path_bf16_batches_take():
+    gen = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(2, 6, 4, 16, generator=gen).to(torch.bfloat16)
+    q = torch.randn(3, 4, 16, generator=gen).to(torch.bfloat16)
+    tables, lens = (
+        torch.tensor([[1, 2, 0], [3, 4, 5], [5, 0, 0]], dtype=torch.int32),
+        torch.tensor([7, 12, 3], dtype=torch.int32),
+    )
+    assert cpu_ops.decode_attention(q, k_cache, k_cache, tables, lens, 0.25, None) is not None
+    assert cpu_ops.decode_attention(q.float(), k_cache.float(), k_cache.float(), tables, lens, 0.25, None) is None
+    wide = torch.randn(cpu_ops.MAX_DECODE_BATCH + 1, 4, 16).to(torch.bfloat16)  # many rows: SDPA's threads
+    many = tables[:1].repeat(wide.shape[0], 1)
+    assert cpu_ops.decode_attention(wide, k_cache, k_cache, many, lens[:1].repeat(wide.shape[0]), 0.25, None) is None
+
+
+def test_without_the_c_ops_the_cpu_kernel_set_runs_pytorch(monkeypatch):
+    from membound.layers import CPU, add_rms_norm
+
+    monkeypatch.setattr(cpu_ops, "_cpu_ops", None)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 32, generator=gen).to(torch.bfloat16)
+    w = torch.rand(32, generator=gen).to(torch.bfloat16)
+    assert cpu_ops.add_rms_norm(x, None, w, 1e-5) is None
+    got, want = CPU.add_rms_norm(x, None, w, 1e-5), add_rms_norm(x, None, w, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from membound.attention.base import AttentionMetadata, PagedAttentionBase
+from membound.kernels import cpu as cpu_kernels
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -100,6 +101,10 @@ def decode_attention(
     SDPA call that groups query heads per KV head itself (GQA). A lone sequence needs no mask: its
     gather is cut to its length."""
     b, h, d = q.shape
+    if kv_scales is None:
+        out = cpu_kernels.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
+        if out is not None:  # bf16, a few sequences: the fused C op (membound/kernels/cpu_ops.c)
+            return out
     lone = b == 1 and max_seq_len is not None and sliding_window is None
     if not lone and q.dtype == torch.float32:
         return _decode_bmm(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, kv_scales)

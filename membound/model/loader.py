@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from membound.attention.base import AttentionBackend
 from membound.errors import ConfigError, ModelLoadError
+from membound.layers import choose_layer_kernels
 from membound.model.config import ModelConfig, rope_inv_freq
 from membound.model.llama import LlamaForCausalLM, RotaryEmbedding
 from membound.model.registry import PRESETS, default_model_path, get_preset
@@ -325,7 +326,8 @@ def load_model(
         rope = RotaryEmbedding(rope_inv_freq(config, freq_factors), max_positions)
     cos, sin = rope.cos, rope.sin
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, backend, max_positions, rope=rope).to(dtype)
+        kernels = choose_layer_kernels("auto", backend.name, dtype, device.type)
+        model = LlamaForCausalLM(config, backend, max_positions, layer_kernels=kernels, rope=rope).to(dtype)
     # .to(dtype) cast the tables too: keep them fp32 (positions up to max_positions need the bits).
     model.rope.cos, model.rope.sin = cos, sin
     if source.kind == "dummy":
