@@ -6,10 +6,11 @@ import platform
 
 from setuptools import Extension, setup
 
-# Tuned for the machine it is built on (an editable install runs where it was built); reductions may be
-# vectorized (reassociated), which fixes their order at compile time, not per call.
+# Tuned for the machine it is built on (the README's editable install runs where it was built; set
+# MEMBOUND_PORTABLE=1 for a build that runs elsewhere); reductions may be vectorized (reassociated),
+# which fixes their order at compile time, not per call.
 flags = ["-O3", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"]
-if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64") and not os.environ.get("MEMBOUND_PORTABLE"):
+if not os.environ.get("MEMBOUND_PORTABLE"):
     flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
 
 setup(

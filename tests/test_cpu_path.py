@@ -282,6 +282,41 @@ def test_c_rope_write_kv_matches_the_pytorch_one():
 
 
 @needs_c_ops
+@pytest.mark.parametrize("heads,window", [(2, None), (4, 5), (8, 2)])
+def test_c_decode_attention_matches_the_pytorch_reference(heads, window):
+    from membound.attention.torch_paged import _decode_bmm
+
+    gen = torch.Generator().manual_seed(heads)
+    kv = [torch.randn(2, 6, 4, 16, generator=gen).to(torch.bfloat16) for _ in range(2)]
+    qkv = torch.randn(3, heads + 5, 16, generator=gen).to(torch.bfloat16)
+    q = qkv[:, :heads]  # rows strided, as the fused projection's q is
+    tables = torch.tensor([[1, 2, 0], [3, 4, 5], [5, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([7, 12, 3], dtype=torch.int32)
+    got = cpu_ops.decode_attention(q, *kv, tables, lens, 0.25, window)
+    want = _decode_bmm(q.float(), kv[0].float(), kv[1].float(), tables, lens, 0.25, window)
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
+
+
+@needs_c_ops
+def test_c_ops_refuse_indices_out_of_range_instead_of_writing_past_the_cache():
+    kv = [torch.zeros(2, 3, 4, 16, dtype=torch.bfloat16) for _ in range(2)]
+    q = torch.randn(1, 4, 16).to(torch.bfloat16)
+    with pytest.raises(IndexError, match="block"):
+        cpu_ops.decode_attention(
+            q, *kv, torch.tensor([[7]], dtype=torch.int32), torch.tensor([3], dtype=torch.int32), 1.0, None
+        )
+    with pytest.raises(IndexError, match="length"):
+        cpu_ops.decode_attention(
+            q, *kv, torch.tensor([[0]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32), 1.0, None
+        )
+    qkv = torch.randn(1, (4 + 4) * 16).to(torch.bfloat16)
+    table = torch.randn(4, 8).to(torch.bfloat16)
+    with pytest.raises(IndexError, match="slot"):
+        cpu_ops.rope_write_kv(qkv, 4, 2, 16, table, table, torch.tensor([0]), *kv, torch.tensor([12]))
+    assert not kv[0].any() and not kv[1].any()  # nothing written
+
+
+@needs_c_ops
 def test_c_decode_attention_is_the_path_bf16_batches_take():
     gen = torch.Generator().manual_seed(7)
     k_cache = torch.randn(2, 6, 4, 16, generator=gen).to(torch.bfloat16)

@@ -30,7 +30,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """(RMSNorm(x + residual) * weight, x + residual) as layers.norm.add_rms_norm, for bf16 [rows, dim]
     rows; overwrites x (with the normed rows) and residual (with the sum), which the decoder no longer
     needs. None where the C op does not apply."""
-    if _cpu_ops is None or x.dim() != 2 or not _plain(x) or not _plain(weight):
+    if _cpu_ops is None or x.dim() != 2 or not _plain(x) or not _plain(weight) or weight.numel() != x.shape[1]:
         return None
     if residual is None:
         residual = torch.empty_like(x)
@@ -55,15 +55,28 @@ def rope_write_kv(qkv, num_heads, num_kv_heads, head_dim, cos, sin, rows, k_cach
         return None
     if not (_plain(cos) and _plain(sin) and _plain(k_cache) and _plain(v_cache)):
         return None
-    if rows.dtype != torch.int64 or slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
-        return None
     t = qkv.shape[0]
+    if not all(x.dtype == torch.int64 and x.is_contiguous() and x.numel() == t for x in (rows, slot_mapping)):
+        return None
+    if (
+        head_dim % 2
+        or k_cache.shape != v_cache.shape
+        or k_cache.shape[0] != num_kv_heads
+        or k_cache.shape[3] != head_dim
+    ):
+        return None
+    if (
+        cos.shape != sin.shape
+        or cos.shape[-1] != head_dim // 2
+        or qkv.shape[1] < (num_heads + 2 * num_kv_heads) * head_dim
+    ):
+        return None
     q = torch.empty(t, num_heads, head_dim, dtype=BF16)
     kvh, nblocks, bs, _ = k_cache.shape
     _cpu_ops.rope_write_kv(
         qkv.data_ptr(), q.data_ptr(), cos.data_ptr(), sin.data_ptr(), rows.data_ptr(), slot_mapping.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), t, qkv.stride(0), num_heads, num_kv_heads, head_dim,
-        cos.stride(0), nblocks * bs,
+        cos.stride(0), nblocks * bs, cos.shape[0],
     )  # fmt: skip
     return q
 
@@ -76,13 +89,17 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, 
         return None
     if not (_plain(k_cache) and _plain(v_cache)) or block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         return None
-    if not (block_tables.stride(1) == 1 and seq_lens.is_contiguous()):
+    if not (block_tables.dim() == 2 and block_tables.stride(1) == 1 and block_tables.shape[0] >= b):
         return None
-    kvh, nblocks, bs, _ = k_cache.shape
+    if not (seq_lens.is_contiguous() and seq_lens.numel() >= b and k_cache.shape == v_cache.shape):
+        return None
+    kvh, nblocks, bs, kd = k_cache.shape
+    if kd != d or h % kvh:
+        return None
     out = torch.empty(b, h, d, dtype=BF16)
     _cpu_ops.decode_attention(
         q.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         seq_lens.data_ptr(), b, h, kvh, d, q.stride(0), bs, block_tables.stride(0), nblocks, scale,
-        0 if sliding_window is None else sliding_window,
+        0 if sliding_window is None else sliding_window, block_tables.shape[1],
     )  # fmt: skip
     return out
