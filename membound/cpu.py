@@ -143,6 +143,84 @@ def measure_load(seconds: float = 0.5) -> CpuLoad | None:
     return meter.sample()
 
 
+def threads_for_load(load: CpuLoad, max_threads: int) -> int:
+    """Threads worth running under `load`: the allowed CPUs others leave free, where a neighbour using
+    a quarter of a core or more takes that core (sharing a core, a busy neighbour gets only about half
+    of it, so that is what a reading at full threads shows), at most `max_threads` (a cgroup quota
+    without a cpuset allows every host CPU but fewer cores' worth of time). `ThreadGovernor` runs
+    this; `membound doctor` says what it will pick."""
+    return max(1, min(max(1, max_threads), int(load.cores - load.others + 0.25)))
+
+
+def process_cpu_times() -> dict[int, tuple[str, int, int]] | None:
+    """pid -> (name, start time, user + system CPU time), both in clock ticks, for every process but
+    this one, from /proc/[pid]/stat; None where /proc is missing. One pass over /proc: a process
+    that ends meanwhile, or whose stat cannot be read, is left out."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    me = os.getpid()
+    out: dict[int, tuple[str, int, int]] = {}
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                raw = f.read().decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        # "pid (comm) state ppid ... utime stime ... starttime ...": comm may hold spaces and ')'.
+        head, _, rest = raw.rpartition(")")
+        fields = rest.split()
+        try:
+            name = head.split("(", 1)[1]
+            out[int(entry)] = (name, int(fields[19]), int(fields[11]) + int(fields[12]))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+def busiest_processes(
+    before: dict[int, tuple[str, int, int]],
+    after: dict[int, tuple[str, int, int]],
+    interval_s: float,
+    top: int = 5,
+    min_cores: float = 0.05,
+) -> list[tuple[str, int, float]]:
+    """(name, pid, cores used) of the processes that used the most CPU between two `process_cpu_times`
+    readings `interval_s` apart, busiest first, at most `top`, none under `min_cores`. A pid that is
+    new in `after` (or reused: another start time) started within the interval, so all its CPU time
+    counts. Time on any CPU counts, not only the ones this process may use."""
+    if interval_s <= 0:
+        return []
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    used = []
+    for pid, (name, start, t) in after.items():
+        prev = before.get(pid)
+        t0 = prev[2] if prev is not None and prev[1] == start else 0
+        cores = (t - t0) / tick / interval_s
+        if cores >= min_cores:
+            used.append((name, pid, cores))
+    used.sort(key=lambda x: (-x[2], x[1]))
+    return used[:top]
+
+
+def measure_contention(seconds: float = 0.5, top: int = 5) -> tuple[CpuLoad | None, list[tuple[str, int, float]]]:
+    """Over the next `seconds`, while this process idles: the load on the allowed CPUs (`measure_load`)
+    and the busiest other processes over the same window (`busiest_processes`; empty without /proc)."""
+    meter = CpuLoadMeter()
+    meter.sample()
+    before = process_cpu_times()
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    after = process_cpu_times()
+    t1 = time.monotonic()
+    load = meter.sample()
+    procs = busiest_processes(before, after, t1 - t0, top) if before is not None and after is not None else []
+    return load, procs
+
+
 class ThreadGovernor:
     """Picks the intra-op thread count between engine steps: the usable cores minus the cores other
     processes keep busy, re-read every `interval_s`. A change needs two readings in a row, so a
@@ -164,11 +242,8 @@ class ThreadGovernor:
         self._set(self.threads)
 
     def target(self, load: CpuLoad) -> int:
-        """Threads for this load: the allowed CPUs others leave free, where a neighbour using a quarter
-        of a core or more takes that core (sharing a core, a busy neighbour gets only about half of
-        it, so that is what a reading at full threads shows), at most max_threads (a cgroup quota
-        without a cpuset allows every host CPU but fewer cores' worth of time)."""
-        return max(1, min(self.max_threads, int(load.cores - load.others + 0.25)))
+        """Threads for this load, at most max_threads (`threads_for_load`)."""
+        return threads_for_load(load, self.max_threads)
 
     def tick(self) -> int:
         """Call between steps; cheap unless a reading is due. Returns the thread count in force."""

@@ -14,6 +14,7 @@ import time
 import torch
 
 from membound import costs
+from membound.cpu import CpuLoad, measure_contention, threads_for_load, usable_cores
 from membound.plan.ceilings import Ceilings, measure
 from membound.plan.gpus import GPUSpec, match_device_name
 from membound.plan.planner import ModelShape, load_shape
@@ -187,6 +188,56 @@ def judge_measured(
     )
 
 
+def judge_cpu_load(cores: int, load: CpuLoad | None, top: list[tuple[str, int, float]]) -> Check:
+    """Do other processes take the cores the CPU path would use? `cores`: the threads the engine would
+    run (usable cores, at most torch's thread count); `load`: a reading while this process idled;
+    `top`: the busiest other processes over the same window, (name, pid, cores used).
+
+    Others on a core make every parallel op wait for that core's thread, so the engine's thread
+    governor gives it up (`threads_for_load`); others on all of them leave decode a fraction of its
+    speed whatever the thread count."""
+    if load is None:
+        return Check("CPU load", INFO, "cannot read the CPU load (no /proc/stat): contention not checked")
+    cores = max(1, cores)
+    # Of the allowed CPUs, those beyond the engine's own threads absorb others' load first (a cgroup
+    # quota without a cpuset allows every host CPU but fewer cores' worth of time).
+    taken = min(float(cores), max(0.0, load.others - max(0, load.cores - cores)))
+    threads = threads_for_load(load, cores)
+    data = {
+        "cores": cores,
+        "allowed_cpus": load.cores,
+        "others_cores": round(load.others, 3),
+        "taken_cores": round(taken, 3),
+        "engine_threads": threads,
+        "interval_s": round(load.interval_s, 3),
+        "top": [{"name": n, "pid": pid, "cores": round(c, 3)} for n, pid, c in top],
+    }
+    if taken < 0.25:
+        return Check(
+            "CPU load",
+            OK,
+            f"other processes use {load.others:.2f} of {load.cores} allowed CPUs; "
+            f"the engine runs {threads} thread{'s' if threads != 1 else ''}",
+            data=data,
+        )
+    busiest = ", ".join(f"{n} (pid {pid}) {c:.0%} of a core" for n, pid, c in top) or "none seen (short-lived?)"
+    detail = f"other processes keep {taken:.1f} of the {cores} usable cores busy; busiest: {busiest}; "
+    full = taken >= cores - 0.25
+    if full:
+        detail += (
+            f"they take all of them, so decode will run at a fraction of its speed "
+            f"(the thread governor runs {threads} thread{'s' if threads != 1 else ''} on a shared core)"
+        )
+    else:
+        detail += f"the engine's thread governor will run {threads} thread{'s' if threads != 1 else ''} of {cores}"
+    pids = " ".join(str(pid) for _, pid, _ in top[:3]) or "PID"
+    fix = (
+        f"stop them, or renice them (renice -n 19 -p {pids}); or give membound cores of its own: "
+        f"taskset -c CPUS membound ... --num-threads N (N = the CPUs listed), with the others pinned elsewhere"
+    )
+    return Check("CPU load", FAIL if full else WARN, detail, fix, data)
+
+
 def worst(checks: list[Check]) -> str:
     """FAIL if any check failed, else WARN if any warned, else OK (INFO lines count as OK)."""
     rank = max((_RANK[c.status] for c in checks), default=0)
@@ -319,6 +370,9 @@ def _cpu_checks(model: str | None, decode: bool) -> list[Check]:
             "on a GPU machine check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES",
         )
     ]
+    # First, while nothing of ours runs: a busy neighbour slows the measurements below as well.
+    load, top = measure_contention(0.5)
+    out.append(judge_cpu_load(min(usable_cores(), torch.get_num_threads()), load, top))
     ceil = measure("cpu")
     out.append(Check("CPU memory bandwidth", INFO, f"{ceil.copy_bandwidth_gbs:.1f} GB/s measured (copy)"))
     out.append(Check("CPU matmul rate", INFO, f"{ceil.matmul_tflops * 1000:.0f} GFLOPS fp32 measured"))
@@ -333,7 +387,7 @@ def _cpu_checks(model: str | None, decode: bool) -> list[Check]:
         out.append(
             judge_measured(
                 "decode (batch 1)", rate, bound, "tok/s", 0.25,
-                "far below the bandwidth bound: per-op host overhead or other busy processes (check `top`)",
+                "far below the bandwidth bound: per-op host overhead or other busy processes (see the CPU load check)",
             )
         )  # fmt: skip
     return out
