@@ -62,6 +62,11 @@ class EngineConfig:
     # CPU intra-op threads. None: the cores this process may use (affinity mask, cgroup quota), one
     # fewer while other processes keep one busy (membound/cpu.py ThreadGovernor); N: exactly N.
     num_threads: int | None = None
+    # Every token's logits the same whatever else is in its step and however its prompt was chunked,
+    # so a seeded request gives the same tokens alone or under any load (CPU; costs prefill speed:
+    # docs/benchmarks.md). Off: the kernels are chosen per step's shape and results may differ in the
+    # last bits, which sampling at temperature > 0 can turn into different tokens.
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -102,6 +107,8 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_dtype must be auto, fp8 or int8, got {self.kv_cache_dtype!r}")
         if self.async_scheduling not in (None, True, False):
             raise ConfigError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ConfigError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
 

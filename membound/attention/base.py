@@ -44,6 +44,21 @@ class AttentionMetadata:
         return max((s[i + 1] - s[i] for i in range(nd, self.num_seqs)), default=0)
 
     @functools.cached_property
+    def row_kv(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Per query row: its sequence's block table [T, max_blocks], the KV length it attends to [T]
+        int32 (its position + 1), and those lengths on the host. What a backend needs to attend each
+        row on its own, as if it were a decode (the batch-invariant path)."""
+        starts, lens = self.query_start_loc_host, self.seq_lens_host
+        host: list[int] = []
+        for i in range(self.num_seqs):
+            q_len = starts[i + 1] - starts[i]
+            host.extend(range(lens[i] - q_len + 1, lens[i] + 1))
+        q_lens = torch.tensor([starts[i + 1] - starts[i] for i in range(self.num_seqs)])
+        seq_of_row = torch.repeat_interleave(torch.arange(self.num_seqs), q_lens).to(self.block_tables.device)
+        kv_lens = torch.tensor(host, dtype=torch.int32, device=self.seq_lens.device)
+        return self.block_tables.index_select(0, seq_of_row), kv_lens, host
+
+    @functools.cached_property
     def prefill_query_start_loc(self) -> torch.Tensor:
         """query_start_loc of the prefill sequences alone, starting at 0."""
         return self.query_start_loc[self.num_decodes :] - self.query_start_loc_host[self.num_decodes]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import torch
 import torch.nn.functional as F
 
@@ -189,14 +191,66 @@ def prefill_attention(
     return out[0].transpose(0, 1)
 
 
+def rowwise_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [T, max_blocks]: each row's sequence's table
+    kv_lens: torch.Tensor,  # [T] int32: the cached tokens each row attends to
+    kv_lens_host: list[int],
+    scale: float,
+    sliding_window: int | None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pool: concurrent.futures.Executor | None = None,
+) -> torch.Tensor:
+    """Each query row over its own first kv_lens[r] cached tokens, alone: a prompt token attends as it
+    would decoding at its position, with the same reduction order whatever the step holds or however the
+    prompt was chunked (the batch-invariant path). The C op where it applies (split over `pool`'s
+    threads: it runs on one core and releases the GIL); otherwise one SDPA call per row."""
+    t, h, d = q.shape
+    if kv_scales is None and cpu_kernels.available():
+        n = 1 if pool is None else max(1, min(torch.get_num_threads(), t // 16))
+        bounds = [t * i // n for i in range(n + 1)]
+
+        def part(lo: int, hi: int):
+            return cpu_kernels.decode_attention(
+                q[lo:hi], k_cache, v_cache, block_tables[lo:hi], kv_lens[lo:hi], scale, sliding_window, None
+            )
+
+        if n == 1:
+            parts = [part(0, t)]
+        else:
+            parts = list(pool.map(part, bounds[:-1], bounds[1:]))
+        if all(p is not None for p in parts):
+            return parts[0] if n == 1 else torch.cat(parts)
+    kvh, _, block_size, _ = k_cache.shape
+    ks, vs = kv_scales if kv_scales is not None else (None, None)
+    out = torch.empty_like(q)
+    for r, n in enumerate(kv_lens_host):
+        blocks = block_tables[r, : (n + block_size - 1) // block_size]
+        lo = 0 if sliding_window is None else max(0, n - sliding_window)
+        keys = gather_blocks(k_cache, ks, blocks, q.dtype).view(kvh, -1, d)[None, :, lo:n]
+        values = gather_blocks(v_cache, vs, blocks, q.dtype).view(kvh, -1, d)[None, :, lo:n]
+        out[r] = F.scaled_dot_product_attention(
+            q[r, :, None][None], keys, values, scale=scale, enable_gqa=h != kvh
+        ).view(h, d)
+    return out
+
+
 # Most cached tokens one batched decode gathers at once; bounds the temporary memory.
 DECODE_GATHER_TOKENS = 1 << 16
 
 
 class TorchPagedAttention(PagedAttentionBase):
-    """Runs anywhere PyTorch runs; decodes are batched, prefills go one sequence at a time."""
+    """Runs anywhere PyTorch runs; decodes are batched, prefills go one sequence at a time.
+    batch_invariant: every row attends on its own (rowwise_attention), so a token's result does not
+    depend on the batch or the prompt's chunking; slower for long prefills."""
 
     name = "torch"
+
+    def __init__(self, batch_invariant: bool = False) -> None:
+        self.batch_invariant = batch_invariant
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def forward(
         self,
@@ -224,6 +278,15 @@ class TorchPagedAttention(PagedAttentionBase):
         kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention over K/V already in the cache (this step's included)."""
+        if self.batch_invariant:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max(1, torch.get_num_threads()), thread_name_prefix="membound-attn"
+                )
+            tables, lens, lens_host = meta.row_kv
+            return rowwise_attention(
+                q, k_cache, v_cache, tables, lens, lens_host, scale, sliding_window, kv_scales, self._pool
+            )
         nd = meta.num_decodes
         parts = []
         if nd:

@@ -81,7 +81,12 @@ def build_engine(config: EngineConfig) -> EngineParts:
         # Never more than the process was given (OMP_NUM_THREADS, or the application's own setting).
         cores = min(usable_cores(), torch.get_num_threads())
         threads = ThreadGovernor(config.num_threads or cores, fixed=config.num_threads is not None)
-    backend = get_backend(config.attention_backend, device)
+    if config.batch_invariant and device.type != "cpu":
+        raise ConfigError(
+            "batch_invariant runs on the CPU only for now (the Triton kernels and CUDA graphs choose their "
+            "work split by batch shape); use device='cpu' or leave batch_invariant off"
+        )
+    backend = get_backend(config.attention_backend, device, config.batch_invariant)
     gguf = open_gguf(source)
     mc = load_config(source, gguf)
     dtype = config.torch_dtype(device, runs_packed(resolve_quantization(config.quantization, source, gguf), gguf))
@@ -114,6 +119,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
             loaded = load_model(source, backend, dtype, device, max_model_len, config.seed, gguf, config.quantization)
         tokenizer = None if tokenizer_future is None else tokenizer_future.result()
     model = loaded.model
+    if config.batch_invariant:
+        tiled = model.make_batch_invariant(config.max_num_batched_tokens, config.max_num_seqs)
+        log.info("batch-invariant: every row alone in attention; %d matmuls on fixed row tiles", len(tiled))
     eos = set(mc.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

@@ -81,11 +81,16 @@ def rope_write_kv(qkv, num_heads, num_kv_heads, head_dim, cos, sin, rows, k_cach
     return q
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float, sliding_window: int | None):
-    """attention.torch_paged.decode_attention for bf16 caches and at most MAX_DECODE_BATCH sequences;
-    None otherwise. q [B, H, D] with contiguous rows of H x D."""
+def decode_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, scale: float, sliding_window: int | None, max_batch=MAX_DECODE_BATCH
+):
+    """attention.torch_paged.decode_attention for bf16 caches and at most max_batch sequences (None: any
+    number); None otherwise. q [B, H, D] with contiguous rows of H x D. Each sequence is computed on its
+    own, in the same order whatever the others are."""
     b, h, d = q.shape
-    if _cpu_ops is None or b > MAX_DECODE_BATCH or q.dtype != BF16 or q.stride(2) != 1 or q.stride(1) != d:
+    if _cpu_ops is None or (max_batch is not None and b > max_batch):
+        return None
+    if q.dtype != BF16 or q.stride(2) != 1 or q.stride(1) != d:
         return None
     if not (_plain(k_cache) and _plain(v_cache)) or block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         return None

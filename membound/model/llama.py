@@ -16,6 +16,7 @@ from torch import nn
 from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.errors import ModelLoadError
 from membound.layers import LayerKernels, RMSNorm, RotaryEmbedding, apply_rope, choose_layer_kernels
+from membound.layers.invariant import RowTiled, rows_independent
 from membound.layers.rotary import half_tables
 from membound.model.config import ModelConfig, rope_inv_freq
 from membound.quant.linear import DENSE_MIN_ROWS
@@ -151,6 +152,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, backend, kernels) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.batch_invariant = False  # make_batch_invariant() turns it on
+        self._logits = self._head_logits
 
     def forward(
         self,
@@ -168,18 +171,52 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         # Prefill rows past the decodes go through dense matmuls when there are enough of them (see
         # project); decode rows stay on the packed kernels, so they never depend on their batch.
+        # Batch-invariant: one kernel for every row, whatever the step holds.
         prefill_rows = x.shape[0] - meta.num_decodes
-        dense_from = meta.num_decodes if prefill_rows >= DENSE_MIN_ROWS else None
+        dense = prefill_rows >= DENSE_MIN_ROWS and not self.batch_invariant
+        dense_from = meta.num_decodes if dense else None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(rope, x, kv, meta, residual, dense_from)
         return self.layer_kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._logits(hidden)
+
+    def _head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:
             return self.lm_head(hidden).float()  # nn.Linear, or a packed layer (membound.quant)
         if isinstance(self.embed_tokens, nn.Embedding):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.embed_tokens.logits(hidden).float()  # a packed embedding (quant.linear.Int8Embedding)
+
+    def make_batch_invariant(self, max_rows: int, max_logit_rows: int) -> list[str]:
+        """Give every row the same result whatever else the step holds (the attention backend's part is
+        its own): no dense prefill path, and each matmul whose BLAS picks its kernel by row count
+        (rows_independent, checked once per shape on random rows up to max_rows) called on fixed tiles.
+        Returns the names of the tiled layers. Call once the weights are loaded."""
+        self.batch_invariant = True
+        dtype = self.norm.weight.dtype
+        verdicts: dict[tuple, bool] = {}
+
+        def independent(fn, key, in_features: int, rows: int) -> bool:
+            if key not in verdicts:
+                verdicts[key] = rows_independent(fn, in_features, dtype, rows)
+            return verdicts[key]
+
+        tiled = []
+        for name, module in list(self.named_modules()):
+            for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                layer = getattr(module, attr, None)
+                if not isinstance(layer, nn.Module) or isinstance(layer, RowTiled):
+                    continue
+                key = (type(layer), layer.in_features, layer.out_features, getattr(layer, "group_size", None))
+                if not independent(layer, key, layer.in_features, max_rows):
+                    setattr(module, attr, RowTiled(layer))
+                    tiled.append(f"{name}.{attr}")
+        if not independent(self._head_logits, ("head",), self.config.hidden_size, max_logit_rows):
+            self._logits = RowTiled(self._head_logits)
+            tiled.append("head")
+        return tiled
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors in, filling fused q/k/v and gate/up slices."""
