@@ -198,3 +198,46 @@ def test_write_kv_then_rowwise_equals_default_backend_closely():
     a = TorchPagedAttention(batch_invariant=True).attend(q, k_cache, v_cache, meta, d**-0.5, None)
     b = TorchPagedAttention().attend(q, k_cache, v_cache, meta, d**-0.5, None)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_server_seeded_streams_under_load_equal_the_same_requests_alone(tmp_path):
+    """The finding as it was seen: seeded requests at temperature 2 through `membound serve`, streamed
+    concurrently with staggered starts, against the same bodies sent one at a time, not streamed."""
+    import json
+    import threading
+    import time
+
+    import httpx
+
+    from tests.server_utils import ServerProcess
+
+    server = ServerProcess(
+        ["--max-model-len", "256", "--kv-cache-memory", "6", "--batch-invariant"], tmp_path / "s.log"
+    )
+    try:
+        bodies = [
+            {"prompt": p, "seed": sp.seed, "temperature": 2.0 if i % 2 else 1.2, "top_p": sp.top_p,
+             "max_tokens": 24, "ignore_eos": True}
+            for i, (p, sp) in enumerate(_requests(12))
+        ]  # fmt: skip
+        url = f"{server.url}/v1/completions"
+        alone = [httpx.post(url, json=b, timeout=120).json()["choices"][0]["text"] for b in bodies]
+        streamed: dict[int, str] = {}
+
+        def stream(i: int) -> None:
+            time.sleep(0.15 * i)  # arrivals staggered across each other's prefill and decode
+            parts = []
+            with httpx.stream("POST", url, json={**bodies[i], "stream": True}, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        parts.append(json.loads(line[6:])["choices"][0]["text"])
+            streamed[i] = "".join(parts)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert [streamed.get(i) for i in range(len(bodies))] == alone
+    finally:
+        assert server.stop() == 0, server.log_tail()
