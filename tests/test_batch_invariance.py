@@ -14,11 +14,11 @@ import torch
 from membound.attention.base import AttentionMetadata
 from membound.attention.torch_paged import TorchPagedAttention, prefill_attention, write_kv
 from membound.config import EngineConfig
-from membound.cpu import usable_cores
 from membound.engine.llm_engine import LLMEngine
 from membound.errors import ConfigError
 from membound.layers.invariant import TILE, RowTiled, rows_independent
 from membound.sampling_params import SamplingParams
+from tests.conftest import write_tiny_config
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hum old songs of the sea".split()
 SHARED = "You are a helpful assistant. Answer briefly and truthfully, then stop. " * 2
@@ -89,16 +89,15 @@ def test_seeded_requests_alone_equal_under_staggered_chunked_preempting_load(dty
     assert len(alone) == len(loaded) == 16 and not differ, differ
 
 
-def test_seeded_requests_equal_at_any_thread_count():
-    """The CPU thread governor changes the thread count when other processes load the machine, so the
-    guarantee must hold across thread counts too (the default path differs here: measured 2 of 6)."""
-    if min(usable_cores(), torch.get_num_threads()) < 2:
-        pytest.skip("needs two cores to compare thread counts")
-    reqs = _requests(6)
-    base = dict(max_model_len=256, kv_cache_memory_bytes=64 << 20, batch_invariant=True)
-    one = _alone(EngineConfig(**base, num_threads=1), reqs)
-    two = _alone(EngineConfig(**base, num_threads=2), reqs)
-    assert one == two
+def test_the_thread_count_stays_fixed_under_batch_invariant(tmp_path):
+    """A BLAS may split a row's sums differently at another thread count (MKL does for group-wise int8
+    layers), so the thread governor must not change it while batch_invariant is on."""
+    from membound.engine.builder import build_engine
+
+    model = write_tiny_config(tmp_path / "m")
+    kw = dict(model=str(model), load_format="dummy", skip_tokenizer_init=True, max_model_len=64)
+    assert build_engine(EngineConfig(**kw, batch_invariant=True)).core.threads.fixed
+    assert not build_engine(EngineConfig(**kw)).core.threads.fixed
 
 
 def test_batch_invariant_is_refused_off_the_cpu_path():
@@ -241,3 +240,41 @@ def test_server_seeded_streams_under_load_equal_the_same_requests_alone(tmp_path
         assert [streamed.get(i) for i in range(len(bodies))] == alone
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+def _logits_alone_and_beside_others(batch_invariant: bool, tmp_path) -> tuple[int, list[int]]:
+    """A dummy fp32 model whose matmuls MKL computes by row count and whose MLP is wide enough for
+    PyTorch to split SiLU mid-row across 3 threads: sequence A's logits alone vs beside a sequence B of
+    1-24 tokens in the same step. Returns (tiled layers, B's lengths at which A's logits changed)."""
+    from membound.engine.builder import build_engine
+
+    model = write_tiny_config(tmp_path / "m", hidden_size=128, intermediate_size=2560, vocab_size=256)
+    parts = build_engine(
+        EngineConfig(
+            model=str(model), load_format="dummy", skip_tokenizer_init=True, dtype="float32", max_model_len=128,
+            kv_cache_memory_bytes=16 << 20, num_threads=3, batch_invariant=batch_invariant,
+        )
+    )  # fmt: skip
+    m, kv, bs = parts.model, parts.runner.kv_caches, parts.config.block_size
+    ids = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(0))
+
+    def run(seqs: list[torch.Tensor], tables: list[list[int]]) -> torch.Tensor:
+        meta = _meta([len(s) for s in seqs], [len(s) for s in seqs], bs, tables, 0)
+        positions = torch.cat([torch.arange(len(s)) for s in seqs])
+        return m.compute_logits(m(torch.cat(seqs), positions, kv, meta))
+
+    a = ids[:40]
+    with torch.inference_mode():
+        alone = run([a], [[0, 1, 2]])
+        changed = [
+            n for n in range(1, 25) if not torch.equal(run([ids[40 : 40 + n], a], [[5, 6], [0, 1, 2]])[n:], alone)
+        ]
+    tiled = sum(1 for name, _ in m.named_modules() if name.endswith(".inner"))
+    return tiled, changed
+
+
+def test_tiled_fp32_matmuls_and_serial_silu_make_logits_independent_of_the_step(tmp_path):
+    tiled, changed = _logits_alone_and_beside_others(True, tmp_path / "inv")
+    assert tiled == 8 and changed == []  # qkv, o, gate_up, down of both layers: MKL's fp32 kernels
+    _, changed = _logits_alone_and_beside_others(False, tmp_path / "default")
+    assert changed  # the check has teeth: without the mode, A's logits move with B

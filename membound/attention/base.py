@@ -53,7 +53,7 @@ class AttentionMetadata:
         for i in range(self.num_seqs):
             q_len = starts[i + 1] - starts[i]
             host.extend(range(lens[i] - q_len + 1, lens[i] + 1))
-        q_lens = torch.tensor([starts[i + 1] - starts[i] for i in range(self.num_seqs)])
+        q_lens = torch.tensor([starts[i + 1] - starts[i] for i in range(self.num_seqs)], dtype=torch.long)
         seq_of_row = torch.repeat_interleave(torch.arange(self.num_seqs), q_lens).to(self.block_tables.device)
         kv_lens = torch.tensor(host, dtype=torch.int32, device=self.seq_lens.device)
         return self.block_tables.index_select(0, seq_of_row), kv_lens, host

@@ -191,6 +191,18 @@ def prefill_attention(
     return out[0].transpose(0, 1)
 
 
+def _even_work(kv_lens: list[int], parts: int) -> list[int]:
+    """Row bounds of `parts` contiguous parts with about the same attended tokens each (a prompt's later
+    rows attend to more), from 0 to len(kv_lens)."""
+    total, bounds, acc = sum(kv_lens), [0], 0
+    for r, n in enumerate(kv_lens):
+        acc += n
+        if len(bounds) < parts and acc * parts >= total * len(bounds):
+            bounds.append(r + 1)
+    bounds += [len(kv_lens)] * (parts + 1 - len(bounds))
+    return bounds
+
+
 def rowwise_attention(
     q: torch.Tensor,  # [T, H, D]
     k_cache: torch.Tensor,
@@ -210,19 +222,20 @@ def rowwise_attention(
     t, h, d = q.shape
     if kv_scales is None and cpu_kernels.available():
         n = 1 if pool is None else max(1, min(torch.get_num_threads(), t // 16))
-        bounds = [t * i // n for i in range(n + 1)]
+        bounds = _even_work(kv_lens_host, n)
+        ranges = [(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False) if hi > lo]
 
         def part(lo: int, hi: int):
             return cpu_kernels.decode_attention(
                 q[lo:hi], k_cache, v_cache, block_tables[lo:hi], kv_lens[lo:hi], scale, sliding_window, None
             )
 
-        if n == 1:
-            parts = [part(0, t)]
+        if len(ranges) == 1:
+            parts = [part(*ranges[0])]
         else:
-            parts = list(pool.map(part, bounds[:-1], bounds[1:]))
-        if all(p is not None for p in parts):
-            return parts[0] if n == 1 else torch.cat(parts)
+            parts = list(pool.map(part, *zip(*ranges, strict=True)))
+        if parts and all(p is not None for p in parts):
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
     kvh, _, block_size, _ = k_cache.shape
     ks, vs = kv_scales if kv_scales is not None else (None, None)
     out = torch.empty_like(q)

@@ -37,6 +37,7 @@ def hf_twin(engine: LLMEngine):
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     sd = {}
     for name, p in engine.model.named_parameters():
+        name = name.replace(".inner.", ".")  # a batch-invariant model's tiled layers (layers.invariant.RowTiled)
         if "qkv_proj" in name:
             for part, t in zip(("q_proj", "k_proj", "v_proj"), p.split([q, kv, kv]), strict=True):
                 sd["model." + name.replace("qkv_proj", part)] = t

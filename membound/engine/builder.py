@@ -80,7 +80,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
         # Before any op runs: the load and the warm-up already use the thread count.
         # Never more than the process was given (OMP_NUM_THREADS, or the application's own setting).
         cores = min(usable_cores(), torch.get_num_threads())
-        threads = ThreadGovernor(config.num_threads or cores, fixed=config.num_threads is not None)
+        # batch_invariant: fixed, since a BLAS may split a row's sums differently at another thread count.
+        fixed = config.num_threads is not None or config.batch_invariant
+        threads = ThreadGovernor(config.num_threads or cores, fixed=fixed)
     if config.batch_invariant and device.type != "cpu":
         raise ConfigError(
             "batch_invariant runs on the CPU only for now (the Triton kernels and CUDA graphs choose their "

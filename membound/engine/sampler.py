@@ -143,7 +143,8 @@ def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min
     probs = sorted_logits.softmax(dim=-1)
     # Keep a token while the mass before it is below top_p (the first always survives).
     mass_before = probs.cumsum(dim=-1) - probs
-    drop = mass_before >= top_p[:, None]
+    # top_p = 1 keeps everything: the fp32 cumsum saturates at 1 before the tail, which must not drop it.
+    drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     drop |= probs < min_p[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)

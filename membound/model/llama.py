@@ -7,6 +7,7 @@ set (membound.layers, chosen once when the model is built) how norms, SiLU and R
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from membound.attention.base import AttentionBackend, AttentionMetadata
-from membound.errors import ModelLoadError
+from membound.errors import ConfigError, ModelLoadError
 from membound.layers import LayerKernels, RMSNorm, RotaryEmbedding, apply_rope, choose_layer_kernels
-from membound.layers.invariant import RowTiled, rows_independent
+from membound.layers.invariant import RowTiled, rows_independent, serial_rows
 from membound.layers.rotary import half_tables
 from membound.model.config import ModelConfig, rope_inv_freq
 from membound.quant.linear import DENSE_MIN_ROWS
@@ -204,6 +205,12 @@ class LlamaForCausalLM(nn.Module):
             return verdicts[key]
 
         tiled = []
+        silu_and_mul = self.layer_kernels.silu_and_mul
+        kernels = dataclasses.replace(self.layer_kernels, silu_and_mul=lambda x: serial_rows(silu_and_mul, x))
+        self.layer_kernels = kernels
+        for module in self.modules():
+            if isinstance(module, MLP):
+                module.kernels = kernels
         for name, module in list(self.named_modules()):
             for attr in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 layer = getattr(module, attr, None)
@@ -211,11 +218,20 @@ class LlamaForCausalLM(nn.Module):
                     continue
                 key = (type(layer), layer.in_features, layer.out_features, getattr(layer, "group_size", None))
                 if not independent(layer, key, layer.in_features, max_rows):
-                    setattr(module, attr, RowTiled(layer))
+                    setattr(module, attr, self._tiled(layer, f"{name}.{attr}", layer.in_features, max_rows))
                     tiled.append(f"{name}.{attr}")
         if not independent(self._head_logits, ("head",), self.config.hidden_size, max_logit_rows):
-            self._logits = RowTiled(self._head_logits)
+            self._logits = self._tiled(self._head_logits, "the output head", self.config.hidden_size, max_logit_rows)
             tiled.append("head")
+        return tiled
+
+    def _tiled(self, fn, what: str, in_features: int, max_rows: int) -> RowTiled:
+        tiled = RowTiled(fn)
+        if not rows_independent(tiled, in_features, self.norm.weight.dtype, max_rows):
+            raise ConfigError(
+                f"batch_invariant: {what} gives a row different results with the rows beside it even on "
+                "fixed tiles on this machine's BLAS; run without batch_invariant"
+            )
         return tiled
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
