@@ -30,7 +30,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "membound.entrypoints.cli", "serve", "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
         deadline = time.monotonic() + timeout
-        while True:
+        while True:  # the port refuses connections until the model has loaded: poll through that
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):

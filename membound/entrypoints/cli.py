@@ -87,6 +87,12 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "cgroup quota, one fewer while another process keeps one busy)",
     )
     g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="every token's logits the same whatever else runs in its step and however its prompt is "
+        "chunked: a seeded request gives the same tokens alone or under load (CPU only; slower prefill)",
+    )
+    g.add_argument(
         "--attention-backend",
         default="auto",
         choices=["auto", "torch", "triton"],
@@ -131,6 +137,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         async_scheduling=a.async_scheduling,
         attention_backend=a.attention_backend,
         num_threads=a.num_threads,
+        batch_invariant=a.batch_invariant,
     )
 
 
@@ -148,6 +155,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_queued_requests=a.max_queued_requests,
         log_interval=a.log_interval,
         shutdown_timeout=a.shutdown_timeout,
+        max_request_body_bytes=round(a.max_request_body_mb * 2**20),
     )
     return run(_engine_config(a), server)
 
@@ -355,7 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-timeout",
         type=float,
         default=30.0,
-        help="on SIGTERM, seconds in-flight requests may take to finish before they are aborted",
+        help="on SIGTERM, seconds in-flight requests may take to finish; then they are aborted (streams end with "
+        "finish_reason 'abort' and [DONE], other requests get a 503 error) (default 30)",
+    )
+    g.add_argument(
+        "--max-request-body-mb",
+        type=float,
+        default=32.0,
+        help="request bodies larger than this many MiB are refused with 413 (default 32)",
     )
     s.set_defaults(func=cmd_serve)
     pl = sub.add_parser(

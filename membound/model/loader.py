@@ -104,10 +104,44 @@ def _metadata_reader(path: str):
     """gguf.GGUFReader that does not unpack the big metadata arrays (the 49k-entry vocab, merges,
     scores: 2.7 s of start-up as one numpy view per element): string arrays past `_EAGER_ITEMS`
     entries are skipped over, keeping only their length (`GGUFFile.array_length`), and numeric
-    arrays become one view. The tokenizer is built from the file by transformers, once, and cached."""
-    from gguf import GGUFReader, GGUFValueType
+    arrays become one view. The tokenizer is built from the file by transformers, once, and cached.
+
+    It also says what is wrong with a damaged file (ModelLoadError) where gguf would fail on a numpy
+    slice or reshape: where a truncated file ends against what its header or a tensor needs, and
+    a tensor type id this gguf version does not know."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
+
+    known_types = {int(t): t for t in GGML_QUANT_SIZES}
 
     class MetadataReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > self.data.size:  # numpy would hand back a short view, to fail later as a shape error
+                raise ModelLoadError(
+                    f"{path} is truncated (or corrupt): its header needs bytes up to {end} "
+                    f"but the file has {self.data.size} bytes"
+                )
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:  # check every tensor before gguf builds views of them
+                _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+                name = bytes(name_data).decode("utf-8", errors="replace")
+                ggml_type = known_types.get(int(raw_dtype[0]))
+                if ggml_type is None:
+                    raise ModelLoadError(
+                        f"{path}: unsupported tensor type id {int(raw_dtype[0])} (tensor {name}): not a ggml type "
+                        f"this gguf package ({len(known_types)} types) knows; a file from a newer llama.cpp?"
+                    )
+                block, type_size = GGML_QUANT_SIZES[ggml_type]
+                end = int(start_offs + offset_tensor[0]) + int(np.prod(dims, dtype=np.uint64)) * type_size // block
+                if end > self.data.size:
+                    raise ModelLoadError(
+                        f"{path} is truncated: tensor {name} needs bytes up to {end} "
+                        f"but the file has {self.data.size} bytes"
+                    )
+            super()._build_tensors(start_offs, fields)
+
         def _get_field_parts(self, orig_offs, raw_type):
             if GGUFValueType(raw_type) != GGUFValueType.ARRAY:
                 return super()._get_field_parts(orig_offs, raw_type)
@@ -137,6 +171,8 @@ class GGUFFile:
     def __init__(self, path: str) -> None:
         try:
             self.reader = _metadata_reader(path)
+        except ModelLoadError:
+            raise
         except Exception as e:  # gguf raises bare ValueError/struct errors on corrupt files
             raise ModelLoadError(f"{path} is not a valid GGUF file: {e}") from e
         self.path = path

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import hmac
 import logging
+import os
 import signal
+import socket
+import threading
 import time
 
 import uvicorn
@@ -23,10 +28,13 @@ from membound.engine.llm_engine import LLMEngine
 from membound.errors import ConfigError, EngineDeadError, InvalidRequestError, QueueFullError, RequestFailedError
 from membound.server.async_engine import AsyncEngine, EngineState, OutputStream
 from membound.server.metrics import ServerMetrics
-from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, validation_message
 from membound.server.serving import ServingContext, chat_job, completion_job
 
 log = logging.getLogger("membound.server")
+
+_JOB_THREADS = 4  # requests tokenized at once; the tokenizer releases the GIL while it encodes
+_UVICORN_GRACE = 5.0  # seconds uvicorn waits past --shutdown-timeout, for the aborted requests' last chunks
 
 
 @dataclasses.dataclass
@@ -38,6 +46,9 @@ class ServerConfig:
     max_queued_requests: int = 1024  # waiting requests beyond this get 429 (never unbounded)
     log_interval: float = 5.0  # seconds between stats lines while busy
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish before they are aborted
+    # Bodies beyond this get 413. Room for max_model_len tokens as text or as token ids many times over:
+    # 128k ids are ~1 MB of JSON; the cap bounds what parsing one body can cost the event loop.
+    max_request_body_bytes: int = 32 << 20
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -50,6 +61,11 @@ class ServerConfig:
             raise ConfigError(f"max_queued_requests must be a positive integer, got {self.max_queued_requests!r}")
         if self.log_interval <= 0 or self.shutdown_timeout < 0:
             raise ConfigError("log_interval must be > 0 and shutdown_timeout >= 0")
+        b = self.max_request_body_bytes
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1024:
+            raise ConfigError(
+                f"max_request_body_bytes (--max-request-body-mb) must be an integer of at least 1024 bytes, got {b!r}"
+            )
         self.served_model_names = tuple(self.served_model_names)
         if not all(isinstance(n, str) and n for n in self.served_model_names):
             raise ConfigError(f"served model names must be non-empty strings, got {self.served_model_names!r}")
@@ -61,19 +77,69 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "the request body is invalid", None
-    e = errors[0]
-    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    if e.get("type") == "json_invalid":
-        return "the request body is not valid JSON", None
-    if e.get("type") == "model_attributes_type" and not loc:
-        return "the request body must be a JSON object", None
-    where = ".".join(loc) or "body"
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{where}: {e.get('msg', 'invalid value')}{more}", loc[0] if loc else None
+class _ApiKey:
+    """401 for a /v1 request without 'Authorization: Bearer <key>' (/health and /metrics stay open)."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.want):
+                return await _error(
+                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
+                    code="invalid_api_key",
+                )(scope, receive, send)  # fmt: skip
+        await self.app(scope, receive, send)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
+
+
+class _BodyLimit:
+    """413 for a request body over the limit: by its Content-Length before any of it is read, and
+    by counting a chunked body's bytes as they arrive. Pure ASGI, so it sees the raw receive."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit
+        hint = f"this server's limit of {limit} bytes (--max-request-body-mb)"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            # Answered unread: uvicorn then discards the body as it arrives and keeps the connection.
+            msg = f"the request body is {int(declared)} bytes, over {hint}"
+            return await _error(413, msg, "invalid_request_error")(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # Raised inside the body read: FastAPI re-raises HTTP exceptions, the handler answers.
+                    raise _BodyTooLarge(f"the request body exceeds {hint}")
+            return message
+
+        async def watched_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watched_send)
+        except _BodyTooLarge as e:  # read outside a route's body parsing: answer here if still possible
+            if started:
+                raise
+            await _error(413, e.detail, "invalid_request_error")(scope, receive, send)
 
 
 class _AbortingStreamingResponse(StreamingResponse):
@@ -102,25 +168,37 @@ def build_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start(asyncio.get_running_loop())
+        if engine.started:  # `run()` loaded the model before serving
+            engine.attach(asyncio.get_running_loop())
+        else:
+            engine.start(asyncio.get_running_loop())
+        # Jobs (the big fields' validation, tokenization, chat templates) are built here, off the loop.
+        app.state.jobs = concurrent.futures.ThreadPoolExecutor(_JOB_THREADS, thread_name_prefix="membound-job")
         try:
             yield
         finally:
+            app.state.jobs.shutdown(wait=False, cancel_futures=True)
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="membound", version=membound.__version__, lifespan=lifespan)
+    contexts: list[ServingContext] = []  # one, made when first needed: it caches the tokenizer's bound
 
     def context() -> ServingContext:
         if engine.state is not EngineState.READY:
             raise EngineDeadError(engine.unavailable_message())
-        e = engine.engine
-        return ServingContext(engine, e.tokenizer, model_names, e.max_model_len, e.config.max_num_seqs)
+        if not contexts:
+            e = engine.engine
+            contexts.append(ServingContext(engine, e.tokenizer, model_names, e.max_model_len, e.config.max_num_seqs))
+        return contexts[0]
+
+    async def build(make_job, body):
+        return await asyncio.get_running_loop().run_in_executor(app.state.jobs, make_job, context(), body)
 
     # ---------------------------------------------------------------- errors
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError):
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return _error(400, message, "invalid_request_error", param)
 
     @app.exception_handler(InvalidRequestError)
@@ -150,18 +228,12 @@ def build_app(
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
-    # ---------------------------------------------------------------- auth
+    # ---------------------------------------------------------------- middleware (pure ASGI: no task
+    # group around receive, so an error raised while a body is read reaches FastAPI's handlers as is)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if server.api_key is not None and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return _error(
-                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_request_error",
-                    code="invalid_api_key",
-                )  # fmt: skip
-        return await call_next(request)
+    if server.api_key is not None:
+        app.add_middleware(_ApiKey, key=server.api_key)
+    app.add_middleware(_BodyLimit, limit=server.max_request_body_bytes)  # outermost: first to see a body
 
     # ---------------------------------------------------------------- routes
 
@@ -209,51 +281,130 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await respond(request, completion_job(context(), body))
+        return await respond(request, await build(completion_job, body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond(request, chat_job(context(), body))
+        return await respond(request, await build(chat_job, body))
 
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, plus: the sockets bound before the model loaded, and a shutdown that ends what is
+    still running past --shutdown-timeout itself (a last chunk, an error), before uvicorn would
+    cancel it (a cut stream, a plain-text 500, tracebacks)."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self._engine, self._shutdown_timeout = engine, shutdown_timeout
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:  # uvicorn says where it runs only for sockets it bound itself
+            for sock in sockets:
+                host, port = sock.getsockname()[:2]
+                where = f"[{host}]" if ":" in host else host
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", where, port
+                )
+
+    async def shutdown(self, sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(self._shutdown_timeout, self._past_timeout)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _past_timeout(self) -> None:
+        t = self._shutdown_timeout
+        log.warning("requests still running %gs after the stop signal (--shutdown-timeout): aborting them", t)
+        self._engine.abort_all(
+            f"the server is shutting down: this request was still running {t:g}s after the stop signal "
+            "(--shutdown-timeout) and was aborted; retry it elsewhere or later"
+        )
+
+
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind host:port (uvicorn listens on the sockets once the model is ready), so a port in use
+    fails at once, not after loading, and no connection is accepted while the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot bind to host {host!r}: {e.strerror}") from None
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does: TIME_WAIT is no conflict
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:  # every address on the one port the OS picked for the first
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
+            sock.bind(addr)
+    except OSError as e:
+        for sock in socks:
+            sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"port {port} on {host} is already in use; stop what holds it or pick another --port"
+            ) from None
+        raise ConfigError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    return socks
+
+
 def run(engine_config: EngineConfig, server: ServerConfig) -> int:
-    """Serve until SIGINT/SIGTERM; 0 on a clean stop, 1 if the model failed to load."""
+    """Serve until SIGINT/SIGTERM; 0 on a clean stop (a stop while loading exits the process at once).
+
+    In order: the model path, the port (bound, not yet listening), the model (loaded on the
+    engine thread while this one waits), then uvicorn. A bad path, a port in use or a model
+    that fails to load raises its MemboundError before anything listens (the CLI prints it in
+    one line, exit code 2)."""
     from membound.model.loader import resolve_model
 
-    source = resolve_model(engine_config.model, engine_config.load_format)  # bad paths fail before binding
+    source = resolve_model(engine_config.model, engine_config.load_format)
     model_names = server.served_model_names or (source.name,)
-    metrics = ServerMetrics(model_names[0])
     engine = AsyncEngine(
         lambda: LLMEngine(engine_config),
         server.max_queued_requests,
-        metrics=metrics,
+        metrics=ServerMetrics(model_names[0]),
         log_interval=server.log_interval,
     )
-    app = build_app(engine, server, model_names, engine_config.max_model_len)
-    config = uvicorn.Config(
-        app,
-        host=server.host,
-        port=server.port,
-        log_level="info",
-        timeout_graceful_shutdown=server.shutdown_timeout,
-        access_log=False,
-    )
-    uv = uvicorn.Server(config)
-
-    def on_dead() -> None:
-        if engine.engine is None:  # it never loaded: nothing to serve
-            uv.should_exit = True
-
-    engine.on_dead = on_dead
-    # uvicorn re-raises the signal after a graceful stop; a no-op handler makes SIGTERM exit 0.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    stop = threading.Event()  # a stop signal while loading: handled from before the port is bound
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    sockets: list[socket.socket] = []
     try:
-        uv.run()
+        sockets = bind_sockets(server.host, server.port)
+        engine.start()
+        while engine.loading and not stop.is_set():
+            engine.wait_loaded(0.1)
+        if stop.is_set():
+            log.info("stopped while the model was loading")
+            logging.shutdown()
+            # The engine thread is inside the load (native code) and can be neither stopped nor joined;
+            # letting the interpreter tear down under it aborts the process (exit -6).
+            os._exit(0)
+        if engine.load_error is not None:
+            raise engine.load_error
+        app = build_app(engine, server, model_names, engine_config.max_model_len)
+        config = uvicorn.Config(
+            app,
+            log_level="info",
+            timeout_graceful_shutdown=server.shutdown_timeout + _UVICORN_GRACE,
+            access_log=False,
+        )
+        uv = _Server(config, engine, server.shutdown_timeout)
+        # From here a stop signal is uvicorn's; it re-raises the signal after a graceful stop, which
+        # lands here again and does nothing, so the process exits 0.
+        for sig in handlers:
+            signal.signal(sig, uv.handle_exit)
+        uv.should_exit = stop.is_set()  # a signal since the model loaded
+        uv.run(sockets=sockets)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    if engine.engine is None and engine.error:
-        log.error("%s", engine.error)
-        return 1
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+        for sock in sockets:
+            sock.close()
+        engine.stop(timeout=0 if engine.loading else 10.0)
     return 0

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from membound.engine.llm_engine import LLMEngine
-from membound.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from membound.errors import EngineDeadError, InvalidRequestError, MemboundError, QueueFullError
 from membound.outputs import RequestOutput
 from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server.metrics import ServerMetrics, StatsLogger
@@ -58,6 +58,7 @@ class _Abort:
 
 
 _STOP = object()
+_ABORT_ALL = object()
 
 
 class OutputCollector:
@@ -144,6 +145,9 @@ class AsyncEngine:
         self._lock = threading.Lock()  # orders state changes against command submission
         self._state = EngineState.LOADING
         self.error: str | None = None
+        self.load_error: BaseException | None = None  # what loading raised, for a caller that reports it
+        self._log_load_error = True
+        self._closing: str | None = None  # set by abort_all: why new requests are refused
         self.engine: LLMEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -156,15 +160,39 @@ class AsyncEngine:
     def state(self) -> EngineState:
         return self._state
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Load the model on the engine thread. Without a loop, the caller waits (`wait_loaded`),
+        reports a failed load itself (`load_error`, not logged here) and `attach`es a loop to serve."""
         self._loop = loop
+        self._log_load_error = loop is not None
         self._thread = threading.Thread(target=self._run, name="membound-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The loop outputs go to; before the first `add` (nothing is delivered until then)."""
+        self._loop = loop
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         """Block until loading finished (either way); True if the engine is ready."""
         self._ready.wait(timeout)
         return self._state is EngineState.READY
+
+    @property
+    def loading(self) -> bool:
+        return not self._ready.is_set()
+
+    def abort_all(self, message: str) -> None:
+        """Refuse new requests with `message` and abort every one in flight: each waiter gets its
+        final output (finish_reason "abort") at the next engine iteration. For a shutdown past its
+        timeout, so every stream ends with a last chunk instead of being cut."""
+        with self._lock:
+            self._closing = message
+            if self._state is EngineState.READY:
+                self._commands.put(_ABORT_ALL)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort what is left, stop the thread. Safe to call more than once."""
@@ -201,7 +229,7 @@ class AsyncEngine:
 
     def _submit(self, command: _Add | _Abort) -> None:
         with self._lock:
-            if self._state is not EngineState.READY:
+            if self._state is not EngineState.READY or self._closing is not None:
                 raise EngineDeadError(self.unavailable_message())
             self._commands.put(command)
 
@@ -220,6 +248,8 @@ class AsyncEngine:
             self._queues.pop(rid, None)
 
     def unavailable_message(self) -> str:
+        if self._closing is not None:
+            return self._closing
         if self._state is EngineState.LOADING:
             return "the model is still loading; retry shortly"
         if self._state is EngineState.STOPPED:
@@ -248,7 +278,12 @@ class AsyncEngine:
             engine = self._make_engine()
             self.engine = engine
         except BaseException as e:  # noqa: BLE001 - any load failure must reach /health and the log
-            log.exception("loading the model failed")
+            self.load_error = e
+            if self._log_load_error:  # else the caller reports it (`serve`: one line, exit code 2)
+                if isinstance(e, MemboundError):  # what is wrong with the model: one line says it
+                    log.error("loading the model failed: %s", e)
+                else:
+                    log.exception("loading the model failed")
             self._die(f"loading the model failed: {e}")
             self._ready.set()
             return
@@ -296,7 +331,10 @@ class AsyncEngine:
         while True:
             if cmd is _STOP:
                 return False
-            if isinstance(cmd, _Add):
+            if cmd is _ABORT_ALL:
+                for rid in engine.request_ids():
+                    self._abort(engine, rid)
+            elif isinstance(cmd, _Add):
                 self._add(engine, cmd)
             else:
                 for rid in cmd.request_ids:
@@ -353,6 +391,8 @@ class AsyncEngine:
         self._to_loop(self._fail_all, message)
 
     def _to_loop(self, fn: Callable, arg) -> None:
+        if self._loop is None:  # no loop yet (loading failed before serving): nobody is waiting
+            return
         try:
             self._loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:  # the event loop has closed: nobody is left to tell

@@ -3,17 +3,47 @@
 Types are checked here; ranges are checked once, by `SamplingParams`, so the HTTP and
 Python APIs give the same messages. Fields OpenAI has but membound does not implement
 are accepted only at their neutral value and otherwise rejected by name, never ignored.
+
+Fields that can hold millions of items (prompts, token ids, messages) are `SkipValidation`:
+the OpenAPI schema still describes them, but pydantic, which checks a list in one call that
+holds the GIL (0.7 s for 3M token ids), leaves them to the request's worker thread, which
+checks their lengths first and their items in Python (`checked_*`), so the event loop and
+the other requests never wait on them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SkipValidation,
+    StrictBool,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from membound.errors import InvalidRequestError
 
 Number = StrictInt | float  # pydantic's float accepts ints; StrictInt keeps bools out of int fields
+
+
+def validation_message(errors: list[dict], prefix: tuple = ()) -> tuple[str, str | None]:
+    """pydantic's errors as one line (the first problem, and how many more) and the top-level field."""
+    if not errors:
+        return "the request body is invalid", None
+    e = errors[0]
+    loc = [str(x) for x in (*prefix, *e.get("loc", ())) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    if e.get("type") in ("model_attributes_type", "model_type") and not loc:
+        return "the request body must be a JSON object", None
+    where = ".".join(loc) or "body"
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return f"{where}: {e.get('msg', 'invalid value')}{more}", loc[0] if loc else None
 
 
 class StreamOptions(BaseModel):
@@ -48,15 +78,17 @@ class _SamplingFields(BaseModel):
     frequency_penalty: Number | None = None
     repetition_penalty: Number | None = None
     min_tokens: StrictInt = 0
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: SkipValidation[list[StrictInt] | None] = None  # checked by SamplingParams
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
-    logit_bias: dict[str, Number] | None = None
+    logit_bias: SkipValidation[dict[str, Number] | None] = None  # refused unless empty: never read
     user: str | None = None
 
     def check_unsupported(self) -> None:
-        if self.logit_bias:
+        if self.logit_bias not in (None, {}):
             raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, list):
+            raise InvalidRequestError("stop_token_ids must be a list of non-negative token ids", param="stop_token_ids")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
 
@@ -65,7 +97,7 @@ PromptField = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: PromptField
+    prompt: SkipValidation[PromptField]  # `checked_prompts`
     max_tokens: StrictInt | None = 16  # OpenAI's default for completions
     logprobs: StrictInt | None = None
     echo: StrictBool = False
@@ -81,11 +113,75 @@ class CompletionRequest(_SamplingFields):
         if self.best_of not in (None, self.n):
             raise InvalidRequestError("best_of must equal n (best-of sampling is not supported)", param="best_of")
 
+    def checked_prompts(self) -> list[str | list]:
+        """The prompts, each a string or a list (its items, token ids, are checked after its length)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p, list) and not p:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if isinstance(p, list):
+            if type(p[0]) is int:  # one prompt as token ids (bools are not ids)
+                return [p]
+            for kind in (str, list):
+                if isinstance(p[0], kind) and all(isinstance(x, kind) for x in p):
+                    return p
+        raise InvalidRequestError(
+            "prompt must be a string, a list of strings, a list of token ids (integers) or a list of token-id lists",
+            param="prompt",
+        )
 
-class ContentPart(BaseModel):
+
+class _Part(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+
+
+# OpenAI's content parts, typed so the schema (and a fuzzer reading it) knows them; only text is served.
+class TextContentPart(_Part):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(_Part):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLContentPart(_Part):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class InputAudio(_Part):
+    data: str
+    format: Literal["wav", "mp3"]
+
+
+class InputAudioContentPart(_Part):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FileContent(_Part):
+    file_data: str | None = None
+    file_id: str | None = None
+    filename: str | None = None
+
+
+class FileContentPart(_Part):
+    type: Literal["file"]
+    file: FileContent
+
+
+class RefusalContentPart(_Part):
+    type: Literal["refusal"]
+    refusal: str
+
+
+ContentPart = Annotated[
+    TextContentPart | ImageURLContentPart | InputAudioContentPart | FileContentPart | RefusalContentPart,
+    Field(discriminator="type"),
+]
 
 
 class ChatMessage(BaseModel):
@@ -100,7 +196,7 @@ class ChatMessage(BaseModel):
             return self.content
         parts = []
         for part in self.content:
-            if part.type != "text" or part.text is None:
+            if not isinstance(part, TextContentPart):
                 raise InvalidRequestError(
                     f"messages[{index}]: only text content parts are supported, got type {part.type!r}",
                     param="messages",
@@ -109,20 +205,42 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class FunctionDefinition(_Part):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Part):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Part):
+    name: str
+
+
+class NamedToolChoice(_Part):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: SkipValidation[list[ChatMessage]] = Field(min_length=1)  # `checked_messages`
     max_tokens: StrictInt | None = None  # None: up to max_model_len
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    # Typed for the schema only: any tools are refused, whatever their shape.
+    tools: SkipValidation[list[Tool] | None] = None
+    tool_choice: SkipValidation[Literal["none", "auto", "required"] | NamedToolChoice | None] = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: StrictBool = True
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
+        if self.tools not in (None, []):
             raise InvalidRequestError("tools (function calling) are not supported", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
@@ -132,6 +250,19 @@ class ChatCompletionRequest(_SamplingFields):
             )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
+
+    def checked_messages(self) -> list[ChatMessage]:
+        """The messages, validated one at a time (a short call each, so other threads get the GIL)."""
+        raw = self.messages
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRequestError("messages must be a non-empty list of message objects", param="messages")
+        out = []
+        for i, m in enumerate(raw):
+            try:
+                out.append(ChatMessage.model_validate(m))
+            except ValidationError as e:
+                raise InvalidRequestError(*validation_message(e.errors(), ("messages", i))) from None
+        return out
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:

@@ -2,19 +2,22 @@
 
 A handler turns a validated body into token ids and `SamplingParams` (one sub-request
 per prompt and choice), then either collects every output into one response or
-yields SSE chunks as tokens arrive.
+yields SSE chunks as tokens arrive. Building a job (`completion_job`, `chat_job`) runs on
+a worker thread, never on the event loop: it checks what is cheap first (the number of
+sequences, token-id lengths, a bound on a text's tokens from its bytes) and tokenizes last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
-from membound.errors import InvalidRequestError, MemboundError, RequestFailedError
+from membound.errors import EngineDeadError, InvalidRequestError, MemboundError, RequestFailedError
 from membound.model.tokenizer import Tokenizer
 from membound.outputs import RequestOutput, TokenLogprob
 from membound.sampling_params import RequestOutputKind, SamplingParams
@@ -27,11 +30,32 @@ log = logging.getLogger("membound.server")
 
 @dataclasses.dataclass(frozen=True)
 class ServingContext:
+    """What requests are built against; one per server, made once the engine is ready."""
+
     engine: AsyncEngine
     tokenizer: Tokenizer | None
     model_names: tuple[str, ...]  # the first is reported in responses
     max_model_len: int
     max_num_seqs: int
+
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most text bytes one token stands for (0.1 s over a 49k vocab: once, on first use).
+
+        Tokens' bytes add up to the text's (byte-level BPE; SentencePiece's "\u2581" is a space in
+        `token_bytes`), so B bytes of text are at least B / this many tokens. A normalizer may
+        shrink the text first: Unicode composition (NFC, NFKC) at most 3x (three Hangul jamo,
+        9 bytes, make one syllable of 3), so with one the bound is a third. (Normalizers that
+        strip text, as BERT's, come with no Llama-family model.)"""
+        tok = self.tokenizer
+        assert tok is not None
+        longest = max(1, *(len(tok.token_bytes(i)) for i in range(tok.vocab_size)))
+        return longest * (3 if tok.backend.normalizer is not None else 1)
+
+    def min_tokens(self, texts: list[str]) -> tuple[int, int]:
+        """(at least how many tokens `texts` encode to, their UTF-8 bytes), without encoding them."""
+        nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        return nbytes // self.longest_token_bytes, nbytes
 
 
 @dataclasses.dataclass
@@ -64,25 +88,34 @@ class _Job:
             )
         if not 1 <= body.n <= ctx.max_num_seqs:
             raise InvalidRequestError(f"n must be an integer in [1, {ctx.max_num_seqs}], got {body.n}", param="n")
-        self.prompts = self._prompts()
         self.max_tokens = body.max_tokens
         if chat and body.max_completion_tokens is not None:
             self.max_tokens = body.max_completion_tokens
         base = self._params(self.max_tokens)  # validates ranges before any length arithmetic
+        if chat:
+            self._check_chat_cheaply(body.messages)  # before 100k messages are validated one by one
+            raw = [self._messages(body.checked_messages())]
+        else:
+            raw = body.checked_prompts()
+        # Refused before any tokenizing: a list of 100k prompts costs a len() here.
+        limit = ctx.engine.max_queued_requests
+        if len(raw) * body.n > limit:
+            raise InvalidRequestError(
+                f"this request asks for {len(raw) * body.n} sequences (prompts x n) but at most {limit} can "
+                "queue (--max-queued-requests)",
+                param="n",
+            )
+        if not chat:  # every cheap length check before the first prompt is tokenized
+            for x in raw:
+                self._check_prompt_cheaply(x)
+        self.prompts = [self._tokenize(x) for x in raw]
         self.subs: list[SubRequest] = []
         for p_idx, ids in enumerate(self.prompts):
-            max_tokens = self._check_length(ids)
+            max_tokens = self._check_length(len(ids))
             for i in range(body.n):
                 seed = None if base.seed is None else (base.seed + i) % 2**63
                 params = dataclasses.replace(base, max_tokens=max_tokens, seed=seed)
                 self.subs.append(SubRequest(f"{self.id}-{p_idx}-{i}", ids, params, self.arrival))
-        limit = ctx.engine.max_queued_requests
-        if len(self.subs) > limit:
-            raise InvalidRequestError(
-                f"this request asks for {len(self.subs)} sequences (prompts x n) but at most {limit} can queue "
-                "(--max-queued-requests)",
-                param="n",
-            )
         self.choices = {s.request_id: _Choice(k // body.n) for k, s in enumerate(self.subs)}
         self.index = {s.request_id: k for k, s in enumerate(self.subs)}
 
@@ -93,30 +126,61 @@ class _Job:
             raise InvalidRequestError("this model has no tokenizer; send prompts as token ids")
         return self.ctx.tokenizer
 
-    def _prompts(self) -> list[list[int]]:
-        body = self.body
+    def _messages(self, messages: list) -> list[dict[str, str]]:
+        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+            for i, m in enumerate(messages)
+        ]
+
+    def _check_prompt_cheaply(self, x: str | list) -> None:
+        """The length check where it needs no tokenizing: token ids are counted, text is bounded."""
+        if isinstance(x, str):
+            self._tokenizer()
+            self._check_text_bound([x])
+            return
+        if not x:
+            raise InvalidRequestError("a prompt must not be empty", param="prompt")
+        self._check_length(len(x))
+        if not all(type(t) is int for t in x):  # after the length: a 3M-item list is refused by len()
+            raise InvalidRequestError("prompt: token ids must be integers", param="prompt")
+
+    def _check_chat_cheaply(self, messages) -> None:
+        """Bounds from the messages as sent (their shape is checked next): a chat template gives
+        every message at least one token (its role header), and keeps system and user text whole
+        (not assistant turns: some drop past reasoning)."""
+        self._tokenizer()
+        if not isinstance(messages, list):
+            return
+        self._check_length(len(messages), f"{len(messages)} messages, each at least one")
+        texts = []
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user"):
+                continue
+            content = m.get("content")
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts += [
+                    p["text"]
+                    for p in content
+                    if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                ]
+        self._check_text_bound(texts)
+
+    def _check_text_bound(self, texts: list[str]) -> None:
+        at_least, nbytes = self.ctx.min_tokens(texts)
+        self._check_length(at_least, f"{nbytes} bytes of text, at most {self.ctx.longest_token_bytes} bytes a token")
+
+    def _tokenize(self, x: str | list) -> list[int]:
         if self.chat:
-            tok = self._tokenizer()
-            # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-                for i, m in enumerate(body.messages)
-            ]
-            return [tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)]
-        p = body.prompt
-        if isinstance(p, str):
-            p = [p]
-        if not p:
-            raise InvalidRequestError("prompt must not be empty", param="prompt")
-        if all(isinstance(x, int) for x in p):
-            p = [p]
-        prompts = []
-        for x in p:
-            ids = self._tokenizer().encode(x) if isinstance(x, str) else list(x)
-            if not ids:
-                raise InvalidRequestError("a prompt must not be empty", param="prompt")
-            prompts.append(ids)
-        return prompts
+            return self._tokenizer().apply_chat_template(x, add_generation_prompt=self.body.add_generation_prompt)
+        if isinstance(x, list):
+            return x
+        ids = self._tokenizer().encode(x)
+        if not ids:
+            raise InvalidRequestError("a prompt must not be empty", param="prompt")
+        return ids
 
     def _params(self, max_tokens: int | None) -> SamplingParams:
         b = self.body
@@ -147,12 +211,14 @@ class _Job:
             output_kind=RequestOutputKind.DELTA,  # streams and full responses both add up deltas
         )
 
-    def _check_length(self, ids: list[int]) -> int:
-        limit, n = self.ctx.max_model_len, len(ids)
+    def _check_length(self, n: int, bound: str | None = None) -> int:
+        """max_tokens for a prompt of `n` tokens; `bound` says why, when `n` is only a lower bound."""
+        limit = self.ctx.max_model_len
+        has = f"at least {n} tokens ({bound})" if bound else f"{n} tokens"
         where = "messages" if self.chat else "prompt"
         if n >= limit:
             raise InvalidRequestError(
-                f"this model's maximum context length is {limit} tokens, but the prompt has {n} tokens; "
+                f"this model's maximum context length is {limit} tokens, but the prompt has {has}; "
                 "shorten it to leave room for at least one generated token",
                 param=where,
             )
@@ -160,9 +226,9 @@ class _Job:
             return limit - n
         if n + self.max_tokens > limit:
             raise InvalidRequestError(
-                f"this model's maximum context length is {limit} tokens, but the prompt has {n} tokens and "
-                f"max_tokens is {self.max_tokens} ({n + self.max_tokens} in all); shorten the prompt or lower "
-                "max_tokens",
+                f"this model's maximum context length is {limit} tokens, but the prompt has {has} and "
+                f"max_tokens is {self.max_tokens} ({'at least ' if bound else ''}{n + self.max_tokens} in all); "
+                "shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
         return self.max_tokens
@@ -233,6 +299,10 @@ class _Job:
     async def full_response(self, outputs: OutputStream) -> dict:
         async for out in outputs:
             self._update(out)
+        if any(c.finish_reason == "abort" for c in self.choices.values()):
+            # A client still listening is aborted only by the server (a shutdown past its timeout):
+            # an error says so, where a 200 would pass the cut text off as the answer.
+            raise EngineDeadError(self.ctx.engine.unavailable_message())
         choices = []
         for rid, c in self.choices.items():
             choice: dict = {"index": self.index[rid], "logprobs": self._logprobs(c.logprobs, c)}
