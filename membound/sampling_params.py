@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import reprlib
 
 from membound.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64  # OpenAI allows 4
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+
+
+def _short(value) -> str:
+    """repr cut to a line (errors only)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = 80
+    r.maxlist = r.maxdict = 8
+    return r.repr(value)
 
 
 class RequestOutputKind(enum.Enum):
@@ -55,7 +67,8 @@ class SamplingParams:
 
     def _check(self) -> None:
         def bad(name: str, allowed: str) -> InvalidRequestError:
-            return InvalidRequestError(f"{name} must be {allowed}, got {getattr(self, name)!r}", param=name)
+            # Shortened: the value may be a client's 30 MB list, which the error must not echo back.
+            return InvalidRequestError(f"{name} must be {allowed}, got {_short(getattr(self, name))}", param=name)
 
         def number(name: str) -> float:
             v = getattr(self, name)
@@ -92,10 +105,19 @@ class SamplingParams:
             raise InvalidRequestError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", param="min_tokens"
             )
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a non-empty string or a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "a list of non-negative token ids")
+        # Bounded: every generated token is checked against each of them on the engine thread.
+        if len(self.stop) > MAX_STOP_STRINGS or not all(
+            isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop
+        ):
+            raise bad(
+                "stop",
+                f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                f"{MAX_STOP_CHARS} characters",
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise bad("stop_token_ids", f"a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "a RequestOutputKind")
         if self.logprobs is not None and (

@@ -93,7 +93,12 @@ def test_huge_requests_never_stall_other_streams_or_health(server):
             {"messages": [{"role": "user", "content": "word " * 2_000_000}]},
             "maximum context length",
         ),
-        "3M token ids": ("completions", {"prompt": [5] * 3_000_000}, "the prompt has 3000000 tokens"),
+        "10 MB assistant turn": (  # not in the cheap bound (templates may drop it): bounded once rendered
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 2_000_000}]},
+            "maximum context length",
+        ),
+        "1M token ids": ("completions", {"prompt": [5] * 1_000_000}, "the prompt has 1000000 tokens"),
         "100k prompts": ("completions", {"prompt": [f"p{k}" for k in range(100_000)]}, "--max-queued-requests"),
         "100k messages": (
             "chat/completions",
@@ -150,7 +155,7 @@ def test_the_body_limit_is_validated():
     from membound.errors import ConfigError
     from membound.server import ServerConfig
 
-    assert ServerConfig().max_request_body_bytes == 32 << 20
+    assert ServerConfig().max_request_body_bytes == 4 << 20
     for bad in (0, 100, 2.5, True, None):
         with pytest.raises(ConfigError, match="max_request_body_bytes"):
             ServerConfig(max_request_body_bytes=bad)
@@ -204,6 +209,25 @@ def test_cheap_bounds_keep_the_existing_messages(server):
         for messages in ("hi", [], [3], [{"role": "user", "content": [{"type": "video"}]}]):
             r = h.post("/v1/chat/completions", json={"messages": messages})
             assert r.status_code == 400 and r.json()["error"]["param"] == "messages", (messages, r.text)
+        # A prompt that may fit is counted exactly before max_tokens is judged (not "at least 0 tokens").
+        r = h.post("/v1/completions", json={"prompt": "word " * 10, "max_tokens": 600})
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 400 and "at least" not in msg and "max_tokens is 600 (" in msg, msg
+        for part, want in [
+            (
+                {"type": "image_url", "image_url": "http://x"},
+                "only text content parts are supported, got type 'image_url'",
+            ),
+            ({"type": "input_text"}, "only text content parts are supported, got type 'input_text'"),
+            ({"type": "text"}, "messages[0].content[0]: a text part needs a string 'text'"),
+        ]:
+            r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [part]}]})
+            assert r.status_code == 400 and want in r.json()["error"]["message"], (part, r.text)
+        # Every token is checked against each stop on the engine thread: bounded, and not echoed back whole.
+        for body in ({"prompt": "x", "stop": ["ab"] * 100_000}, {"prompt": "x", "stop_token_ids": [7] * 100_000}):
+            r = h.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] in ("stop", "stop_token_ids"), r.text[:300]
+            assert len(r.content) < 2000 and "at most" in r.json()["error"]["message"]
         parts = [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}]
         r = h.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": parts}], "max_tokens": 2})
         assert r.status_code == 200, r.text
@@ -213,7 +237,8 @@ def test_cheap_bounds_keep_the_existing_messages(server):
 
 
 def test_shutdown_past_its_timeout_ends_streams_with_abort_and_requests_with_an_error(tiny_model_dir, tmp_path):
-    server = ServerProcess(_args(tiny_model_dir, "--shutdown-timeout", "1"), tmp_path / "s.log")
+    # 0.3 s: far less than the ~1.3 s the 480 tokens take at the tiny model's fastest.
+    server = ServerProcess(_args(tiny_model_dir, "--shutdown-timeout", "0.3"), tmp_path / "s.log")
     long = {"prompt": "Count", "max_tokens": 480, "ignore_eos": True}
     lines: list[str] = []
     full: list[httpx.Response] = []
@@ -248,7 +273,7 @@ def test_shutdown_past_its_timeout_ends_streams_with_abort_and_requests_with_an_
     assert r.status_code == 503 and r.headers["content-type"] == "application/json", r.text
     assert "shutting down" in r.json()["error"]["message"] and "--shutdown-timeout" in r.json()["error"]["message"]
     assert "Traceback" not in log and "aborting them" in log, log
-    print(f"shutdown with 2 requests in flight: exit {rc} {took:.2f}s after SIGTERM (--shutdown-timeout 1)")
+    print(f"shutdown with 2 requests in flight: exit {rc} {took:.2f}s after SIGTERM (--shutdown-timeout 0.3)")
     assert took < 5, log
 
 
@@ -303,6 +328,47 @@ def test_a_port_in_use_fails_at_once_before_the_model_loads():
     )
     assert "loaded" not in out + err and "engine ready" not in out + err and "Traceback" not in out + err
     assert took < 30
+
+
+def test_two_servers_loading_on_one_port_one_fails_in_one_line(tiny_model_dir, tmp_path):
+    """Both can bind while neither listens (SO_REUSEADDR): whichever listens second finds out then, and
+    says so in one line with exit 2; the other serves."""
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "membound.entrypoints.cli", "serve", *_args(tiny_model_dir, "--port", port)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 120
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "neither server stopped"
+            time.sleep(0.1)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        out, err = loser.communicate(timeout=10)
+        assert loser.returncode == 2, out + err
+        # Its last line (it may have loaded, and logged that, before finding out at listen).
+        assert err.strip().splitlines()[-1].startswith(f"error: port {port} on 127.0.0.1 is already in use"), err
+        assert "Traceback" not in out + err
+        while True:  # the other serves
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and winner.poll() is None
+            time.sleep(0.2)
+        winner.send_signal(signal.SIGTERM)
+        assert winner.wait(60) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=30)
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--max-request-body-mb", "nan"), ("--shutdown-timeout", "inf")])
+def test_non_finite_server_flags_are_one_line_errors(flag, value):
+    rc, out, err, _ = _serve(flag, value, "--port", str(free_port()))
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), out + err
 
 
 def _port_is_free(port: int) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -141,6 +142,12 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
     )
 
 
+def _mib_to_bytes(mib: float, flag: str) -> int:
+    if not math.isfinite(mib) or mib <= 0:
+        raise ConfigError(f"{flag} must be a positive number of MiB, got {mib!r}")
+    return round(mib * 2**20)
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from membound.server import ServerConfig, run
 
@@ -155,7 +162,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_queued_requests=a.max_queued_requests,
         log_interval=a.log_interval,
         shutdown_timeout=a.shutdown_timeout,
-        max_request_body_bytes=round(a.max_request_body_mb * 2**20),
+        max_request_body_bytes=_mib_to_bytes(a.max_request_body_mb, "--max-request-body-mb"),
     )
     return run(_engine_config(a), server)
 
@@ -369,8 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-request-body-mb",
         type=float,
-        default=32.0,
-        help="request bodies larger than this many MiB are refused with 413 (default 32)",
+        default=4.0,
+        help="request bodies larger than this many MiB are refused with 413 (default 4)",
     )
     s.set_defaults(func=cmd_serve)
     pl = sub.add_parser(

@@ -56,6 +56,10 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode_rendered(self.render_chat(messages, add_generation_prompt))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat template's text for these messages (what `apply_chat_template` encodes)."""
         if not messages:
             raise InvalidRequestError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
@@ -71,7 +75,10 @@ class Tokenizer:
             raise InvalidRequestError(
                 f"the model's chat template rejected these messages: {e}", param="messages"
             ) from e
-        # The template already holds any BOS it wants; don't let encode add another.
+        return text
+
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a rendered chat template: it already holds any BOS it wants; encode adds none."""
         return self.hf.encode(text, add_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:

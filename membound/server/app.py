@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import hmac
 import logging
+import math
 import os
 import signal
 import socket
@@ -46,9 +47,10 @@ class ServerConfig:
     max_queued_requests: int = 1024  # waiting requests beyond this get 429 (never unbounded)
     log_interval: float = 5.0  # seconds between stats lines while busy
     shutdown_timeout: float = 30.0  # SIGTERM: how long in-flight requests may finish before they are aborted
-    # Bodies beyond this get 413. Room for max_model_len tokens as text or as token ids many times over:
-    # 128k ids are ~1 MB of JSON; the cap bounds what parsing one body can cost the event loop.
-    max_request_body_bytes: int = 32 << 20
+    # Bodies beyond this get 413. Room for max_model_len tokens as text or as token ids several times over
+    # (128k ids are ~1 MB of JSON); the cap bounds what parsing one body costs the event loop (JSON and
+    # pydantic run there: ~0.5 s for 4 MiB of the most expensive shapes, nested empty lists).
+    max_request_body_bytes: int = 4 << 20
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -59,8 +61,12 @@ class ServerConfig:
             or self.max_queued_requests < 1
         ):
             raise ConfigError(f"max_queued_requests must be a positive integer, got {self.max_queued_requests!r}")
-        if self.log_interval <= 0 or self.shutdown_timeout < 0:
-            raise ConfigError("log_interval must be > 0 and shutdown_timeout >= 0")
+        finite = all(math.isfinite(x) for x in (self.log_interval, self.shutdown_timeout))
+        if not finite or self.log_interval <= 0 or self.shutdown_timeout < 0:
+            raise ConfigError(
+                f"log_interval must be a finite number > 0 and shutdown_timeout one >= 0, got "
+                f"{self.log_interval!r} and {self.shutdown_timeout!r}"
+            )
         b = self.max_request_body_bytes
         if isinstance(b, bool) or not isinstance(b, int) or b < 1024:
             raise ConfigError(
@@ -192,7 +198,16 @@ def build_app(
         return contexts[0]
 
     async def build(make_job, body):
-        return await asyncio.get_running_loop().run_in_executor(app.state.jobs, make_job, context(), body)
+        job = asyncio.wrap_future(app.state.jobs.submit(make_job, context(), body))
+        closing = asyncio.ensure_future(engine.closing.wait())
+        try:
+            await asyncio.wait({job, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not job.done():  # past --shutdown-timeout while still tokenizing: answered now, its result dropped
+            job.cancel()
+            raise EngineDeadError(engine.unavailable_message())
+        return job.result()
 
     # ---------------------------------------------------------------- errors
 
@@ -379,7 +394,7 @@ def run(engine_config: EngineConfig, server: ServerConfig) -> int:
         engine.start()
         while engine.loading and not stop.is_set():
             engine.wait_loaded(0.1)
-        if stop.is_set():
+        if stop.is_set() and engine.loading:
             log.info("stopped while the model was loading")
             logging.shutdown()
             # The engine thread is inside the load (native code) and can be neither stopped nor joined;
@@ -387,6 +402,18 @@ def run(engine_config: EngineConfig, server: ServerConfig) -> int:
             os._exit(0)
         if engine.load_error is not None:
             raise engine.load_error
+        if stop.is_set():  # the signal came as the load finished: a clean stop, nothing served
+            return 0
+        for sock in sockets:
+            try:
+                # Bound before loading, listening only now. Two servers loading at once can both bind
+                # (SO_REUSEADDR, neither listening yet); the second finds out here.
+                sock.listen(2048)
+            except OSError as e:
+                where = f"port {server.port} on {server.host}"
+                raise ConfigError(
+                    f"{where} is already in use ({e.strerror}); stop what holds it or pick another --port"
+                ) from None
         app = build_app(engine, server, model_names, engine_config.max_model_len)
         config = uvicorn.Config(
             app,

@@ -148,6 +148,7 @@ class AsyncEngine:
         self.load_error: BaseException | None = None  # what loading raised, for a caller that reports it
         self._log_load_error = True
         self._closing: str | None = None  # set by abort_all: why new requests are refused
+        self.closing = asyncio.Event()  # set by abort_all, for waiters on the event loop
         self.engine: LLMEngine | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -188,7 +189,8 @@ class AsyncEngine:
     def abort_all(self, message: str) -> None:
         """Refuse new requests with `message` and abort every one in flight: each waiter gets its
         final output (finish_reason "abort") at the next engine iteration. For a shutdown past its
-        timeout, so every stream ends with a last chunk instead of being cut."""
+        timeout, so every stream ends with a last chunk instead of being cut. Call on the event loop."""
+        self.closing.set()
         with self._lock:
             self._closing = message
             if self._state is EngineState.READY:

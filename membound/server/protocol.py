@@ -258,6 +258,18 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError("messages must be a non-empty list of message objects", param="messages")
         out = []
         for i, m in enumerate(raw):
+            content = m.get("content") if isinstance(m, dict) else None
+            for j, part in enumerate(content if isinstance(content, list) else ()):
+                # Said before pydantic's union errors would ("content.str: Input should be a valid string").
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise InvalidRequestError(
+                        f"messages[{i}]: only text content parts are supported, got type {kind!r}", param="messages"
+                    )
+                if not isinstance(part.get("text"), str):
+                    raise InvalidRequestError(
+                        f"messages[{i}].content[{j}]: a text part needs a string 'text'", param="messages"
+                    )
             try:
                 out.append(ChatMessage.model_validate(m))
             except ValidationError as e:

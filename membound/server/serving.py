@@ -174,7 +174,10 @@ class _Job:
 
     def _tokenize(self, x: str | list) -> list[int]:
         if self.chat:
-            return self._tokenizer().apply_chat_template(x, add_generation_prompt=self.body.add_generation_prompt)
+            tok = self._tokenizer()
+            text = tok.render_chat(x, add_generation_prompt=self.body.add_generation_prompt)
+            self._check_text_bound([text])  # assistant turns too, as the template kept them
+            return tok.encode_rendered(text)
         if isinstance(x, list):
             return x
         ids = self._tokenizer().encode(x)
@@ -222,12 +225,14 @@ class _Job:
                 "shorten it to leave room for at least one generated token",
                 param=where,
             )
+        if bound:  # a prompt that may fit: max_tokens is checked against its exact count, once encoded
+            return limit - n
         if self.max_tokens is None:
             return limit - n
         if n + self.max_tokens > limit:
             raise InvalidRequestError(
                 f"this model's maximum context length is {limit} tokens, but the prompt has {has} and "
-                f"max_tokens is {self.max_tokens} ({'at least ' if bound else ''}{n + self.max_tokens} in all); "
+                f"max_tokens is {self.max_tokens} ({n + self.max_tokens} in all); "
                 "shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
