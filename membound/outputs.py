@@ -51,6 +51,9 @@ class RequestOutput:
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
     delta_logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # set when finish_reason is "error": what went wrong
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (complete once
+    # the prompt has run; every output carries the whole list).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def merged_with(self, newer: RequestOutput, delta: bool) -> RequestOutput:
         """One output saying what `self` and then `newer` said (for a reader that fell behind).

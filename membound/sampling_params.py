@@ -12,6 +12,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64  # OpenAI allows 4
 MAX_STOP_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024
 
 
 def _short(value) -> str:
@@ -55,6 +56,11 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    # Logprob of every prompt token after the first (and its top-N alternatives), from the model's raw
+    # distribution: what scoring (lm-eval's loglikelihood) reads. The prompt skips the prefix cache.
+    prompt_logprobs: int | None = None
+    # token id -> added to its logit before every other setting (OpenAI's range: [-100, 100]).
+    logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -63,6 +69,11 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise InvalidRequestError(
+                f"logit_bias must be a dict of token id -> bias, got {_short(self.logit_bias)}", param="logit_bias"
+            )
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         self._check()
 
     def _check(self) -> None:
@@ -126,6 +137,20 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.prompt_logprobs is not None and (
+            isinstance(self.prompt_logprobs, bool)
+            or not isinstance(self.prompt_logprobs, int)
+            or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.logit_bias is not None:
+            if len(self.logit_bias) > MAX_LOGIT_BIAS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias
+            ):
+                raise bad("logit_bias", f"a dict of at most {MAX_LOGIT_BIAS} non-negative token ids -> bias")
+            for v in self.logit_bias.values():
+                if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
+                    raise bad("logit_bias", "a dict of token id -> a bias in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.engine.request import SAMPLES, SPECIAL, TRUNCATES, Request
-from membound.engine.sampler import SamplingBatch, apply_penalties
+from membound.engine.sampler import SamplingBatch, apply_penalties, logit_bias_rows
 from membound.engine.scheduler import SchedulerOutput
 from membound.engine.transfer import to_device
 
@@ -292,6 +292,7 @@ class InputBatch:
         if banned_rows:
             t = to_device([banned_rows, banned_ids], torch.int64, dev)
             banned = (t[0], t[1])
+        bias = logit_bias_rows(params, [i for i in special if params[i].logit_bias], self.vocab_size, dev)
         return SamplingBatch(
             params=params,
             generators=generators,
@@ -304,6 +305,7 @@ class InputBatch:
             max_logprobs=max(asked) if asked else None,
             penalties=penalties,
             banned=banned,
+            bias=bias,
         )
 
     def write_tokens(self, slots: torch.Tensor, ids: torch.Tensor) -> None:

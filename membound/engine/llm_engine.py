@@ -107,6 +107,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise InvalidRequestError(
+                f"logit_bias has token id {max(params.logit_bias)}; token ids are integers in [0, {vocab})",
+                param="logit_bias",
+            )
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"the prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}; "

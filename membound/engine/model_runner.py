@@ -17,9 +17,10 @@ import torch
 from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.input_batch import InputBatch
 from membound.engine.request import Request
-from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, unpack
+from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, score_tokens, unpack
 from membound.engine.scheduler import SchedulerOutput
 from membound.model.llama import LlamaForCausalLM
+from membound.outputs import TokenLogprob
 
 
 class HostCopier:
@@ -99,17 +100,44 @@ class ModelRunner:
         g = self.graphs
         meta = inputs.meta
         if batch is None:
-            self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+            self._prompt_logprobs(sched, hidden, meta.query_start_loc_host)
             return LaunchedStep(sched, [], None, None, t1 - t0, time.perf_counter() - t1)
         if g is not None and meta.num_decodes == meta.num_seqs == len(sampling) and len(sampling) <= g.max_batch:
             hidden = g.run(inputs)  # every row samples: no row selection
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)[inputs.logits_rows]
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
+            self._prompt_logprobs(sched, hidden, meta.query_start_loc_host)
+            hidden = hidden[inputs.logits_rows]
         result = sample_on_device(self.model.compute_logits(hidden), batch, self.generator)
         ids = result if result.dim() == 1 else result[:, 0].long()
         self.input_batch.write_tokens(inputs.sample_slots, ids)
         pending = self.copier.start(result)
         return LaunchedStep(sched, sampling, batch, pending, t1 - t0, time.perf_counter() - t1)
+
+    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor, starts: tuple[int, ...]) -> None:
+        """For prefill chunks of requests that asked for prompt logprobs: each row's logits score the
+        next prompt token (row p, token p + 1), appended to the request's list. Synchronous (a copy to
+        the host), as only scoring requests pay it. Rows already scored (a recompute after preemption)
+        are skipped."""
+        for i in range(sched.num_decodes, len(sched.scheduled)):
+            s = sched.scheduled[i]
+            req = s.request
+            if not req.needs_prompt_logprobs:
+                continue
+            lo = len(req.prompt_logprobs) - 1  # the first position whose next token has no entry yet
+            hi = min(s.end, len(req.prompt_token_ids) - 1)
+            if lo < s.start or hi <= lo:
+                continue  # (lo < start: a chunk past an unscored row cannot happen; nothing to add)
+            rows = slice(starts[i] + lo - s.start, starts[i] + hi - s.start)
+            targets = torch.tensor(req.prompt_token_ids[lo + 1 : hi + 1], device=hidden.device)
+            n = req.params.prompt_logprobs
+            chosen, top_vals, top_ids = score_tokens(self.model.compute_logits(hidden[rows]), targets, n)
+            chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+            for j, tok in enumerate(req.prompt_token_ids[lo + 1 : hi + 1]):
+                req.prompt_logprobs.append(
+                    TokenLogprob(tok, chosen[j], dict(zip(top_ids[j], top_vals[j], strict=True)))
+                )
 
     def fetch(self, step: LaunchedStep) -> SamplerOutput | None:
         """Wait for the step's result on the host."""

@@ -86,7 +86,8 @@ def make_output(req: Request, force: bool = False) -> RequestOutput | None:
         # Copies, not the live lists: outputs may be read on another thread while the engine goes on.
         logprobs = None if req.logprobs is None else list(req.logprobs)
         comp = CompletionOutput(0, req.text, req.output_token_ids, logprobs, req.finish_reason, req.stop_reason)
+    prompt_lp = None if req.prompt_logprobs is None else list(req.prompt_logprobs)
     return RequestOutput(
         req.request_id, req.prompt, req.prompt_token_ids, [comp], finished, req.metrics,
-        delta_text, delta_ids, delta_logprobs, req.error,
+        delta_text, delta_ids, delta_logprobs, req.error, prompt_lp,
     )  # fmt: skip

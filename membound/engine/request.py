@@ -53,6 +53,7 @@ class Request:
         "emitted_chars",
         "emitted_tokens",
         "logprobs",
+        "prompt_logprobs",
         "finish_reason",
         "stop_reason",
         "error",
@@ -96,6 +97,8 @@ class Request:
         self.emitted_chars = 0  # how much of `text` step outputs have shown
         self.emitted_tokens = 0  # how many output tokens step outputs have shown
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        # Entry j: prompt token j's logprob; the first token has none (nothing precedes it).
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why it ended, when finish_reason is "error"
@@ -122,6 +125,12 @@ class Request:
         return len(self.token_ids) - len(self.prompt_token_ids)
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (so every prompt row must run)."""
+        lp = self.prompt_logprobs
+        return lp is not None and len(lp) < len(self.prompt_token_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
@@ -129,7 +138,7 @@ class Request:
         p = self.params
         truncates = p.top_p < 1 or p.min_p > 0 or 0 < p.top_k < vocab_size
         self.sampling_flags = (SAMPLES | (TRUNCATES if truncates else 0)) if p.temperature > 0 else 0
-        if p.uses_penalties or p.min_tokens or p.logprobs is not None or self.generator is not None:
+        if p.uses_penalties or p.min_tokens or p.logprobs is not None or self.generator is not None or p.logit_bias:
             self.sampling_flags |= SPECIAL
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

@@ -32,6 +32,7 @@ class SamplingBatch:
     max_logprobs: int | None  # None: no row asked for logprobs
     penalties: Penalties | None  # or any object with apply(logits) and record(ids)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) forced to -inf
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, added) logit_bias
 
     @classmethod
     def build(
@@ -66,7 +67,19 @@ class SamplingBatch:
             if any(p.uses_penalties for p in params)
             else None,
             banned=(t([r for r, _ in pairs], torch.int64), t([c for _, c in pairs], torch.int64)) if pairs else None,
+            bias=logit_bias_rows(params, range(len(params)), vocab_size, device),
         )
+
+
+def logit_bias_rows(params: list[SamplingParams], rows, vocab_size: int, device: torch.device):
+    """(rows, token ids, biases) device tensors of the rows' logit_bias, or None (ids past the
+    vocabulary never reach here: the engine refuses them)."""
+    triples = [(r, t, float(b)) for r in rows for t, b in (params[r].logit_bias or {}).items() if t < vocab_size]
+    if not triples:
+        return None
+    rows_t = to_device([x[0] for x in triples], torch.int64, device)
+    ids_t = to_device([x[1] for x in triples], torch.int64, device)
+    return rows_t, ids_t, to_device([x[2] for x in triples], torch.float32, device)
 
 
 @dataclasses.dataclass
@@ -159,6 +172,8 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
     """Everything on the device; returns one small tensor for the single transfer to the host:
     the ids [B] (int64), or with logprobs [B, 2 + 2k] fp32 (id, its logprob, top-k values, top-k ids)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
+    if batch.bias is not None:  # before every other setting (as OpenAI and vLLM apply it)
+        logits = logits.index_put(batch.bias[:2], batch.bias[2], accumulate=True)
     if batch.banned is not None:
         logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     if batch.penalties is not None:
@@ -187,6 +202,18 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
     top = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
     # ids travel as fp32 beside the logprobs: exact, vocabularies being far below 2**24.
     return torch.cat([ids[:, None].float(), chosen[:, None], top.values, top.indices.float()], dim=1)
+
+
+def score_tokens(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-distribution logprobs of `targets` [R] under `logits` [R, V], and each row's top-k
+    (values, ids): what logprobs report, for the sampled token and for prompt tokens alike."""
+    raw = logits.float().log_softmax(dim=-1)
+    top = raw.topk(k, dim=-1) if k else None
+    chosen = raw.gather(1, targets[:, None])[:, 0]
+    empty = raw.new_zeros(raw.shape[0], 0)
+    return chosen, (top.values if top else empty), (top.indices if top else empty.long())
 
 
 def unpack(host: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:

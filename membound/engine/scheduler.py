@@ -222,8 +222,8 @@ class Scheduler:
 
     def _cached_prefix(self, req: Request) -> list[int]:
         """Cached blocks for the longest cached prefix, leaving at least one token to compute."""
-        if not self.config.enable_prefix_caching or req.num_computed_tokens:
-            return []
+        if not self.config.enable_prefix_caching or req.num_computed_tokens or req.needs_prompt_logprobs:
+            return []  # (prompt logprobs need every prompt row run through the model)
         hits = self.allocator.lookup(req.full_block_hashes(self.config.block_size, self.config.cache_salt))
         # The last token must run through the model so the request gets logits.
         return hits[: (req.num_tokens - 1) // self.config.block_size]

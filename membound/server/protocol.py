@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from membound.errors import InvalidRequestError
+from membound.sampling_params import MAX_LOGIT_BIAS
 
 Number = StrictInt | float  # pydantic's float accepts ints; StrictInt keeps bools out of int fields
 
@@ -81,12 +82,28 @@ class _SamplingFields(BaseModel):
     stop_token_ids: SkipValidation[list[StrictInt] | None] = None  # checked by SamplingParams
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
-    logit_bias: SkipValidation[dict[str, Number] | None] = None  # refused unless empty: never read
+    logit_bias: SkipValidation[dict[str, Number] | None] = None  # token id (as a string) -> bias: `checked_logit_bias`
     user: str | None = None
 
+    def checked_logit_bias(self) -> dict[int, float] | None:
+        """logit_bias with its keys as token ids (JSON keys are strings); ranges are SamplingParams'."""
+        b = self.logit_bias
+        if not b:
+            return None
+        if not isinstance(b, dict) or len(b) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"logit_bias must be an object of at most {MAX_LOGIT_BIAS} token ids -> bias", param="logit_bias"
+            )
+        out = {}
+        for k, v in b.items():
+            if not (isinstance(k, str) and k.isascii() and k.isdigit()):
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids (non-negative integers), got {k[:40]!r}", param="logit_bias"
+                )
+            out[int(k)] = v
+        return out
+
     def check_unsupported(self) -> None:
-        if self.logit_bias not in (None, {}):
-            raise InvalidRequestError("logit_bias is not supported", param="logit_bias")
         if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, list):
             raise InvalidRequestError("stop_token_ids must be a list of non-negative token ids", param="stop_token_ids")
         if self.stream_options is not None and not self.stream:
@@ -106,8 +123,10 @@ class CompletionRequest(_SamplingFields):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError(
+                "max_tokens must be an integer >= 1 (0 only with echo, to score the prompt), got 0", param="max_tokens"
+            )
         if self.suffix:
             raise InvalidRequestError("suffix is not supported", param="suffix")
         if self.best_of not in (None, self.n):

@@ -70,6 +70,7 @@ class _Choice:
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     text_offset: int = 0  # completions' logprobs report each token's offset into the text
     sent_role: bool = False
+    echoed: list | None = None  # echo: the prompt's (token id, logprob | None, top | None), once it ran
 
 
 class _Job:
@@ -91,6 +92,12 @@ class _Job:
         self.max_tokens = body.max_tokens
         if chat and body.max_completion_tokens is not None:
             self.max_tokens = body.max_completion_tokens
+        self.echo = not chat and body.echo
+        # echo with max_tokens 0 scores the prompt alone (lm-eval's loglikelihood): one token is
+        # generated, for the engine needs one, and left out of the response.
+        self.score_only = self.echo and self.max_tokens == 0
+        if self.score_only:
+            self.max_tokens = 1
         base = self._params(self.max_tokens)  # validates ranges before any length arithmetic
         if chat:
             self._check_chat_cheaply(body.messages)  # before 100k messages are validated one by one
@@ -109,6 +116,9 @@ class _Job:
             for x in raw:
                 self._check_prompt_cheaply(x)
         self.prompts = [self._tokenize(x) for x in raw]
+        self.prompt_texts = (
+            [self._prompt_text(x, ids) for x, ids in zip(raw, self.prompts, strict=True)] if self.echo else []
+        )
         self.subs: list[SubRequest] = []
         for p_idx, ids in enumerate(self.prompts):
             max_tokens = self._check_length(len(ids))
@@ -172,6 +182,11 @@ class _Job:
         at_least, nbytes = self.ctx.min_tokens(texts)
         self._check_length(at_least, f"{nbytes} bytes of text, at most {self.ctx.longest_token_bytes} bytes a token")
 
+    def _prompt_text(self, raw: str | list, ids: list[int]) -> str:
+        if isinstance(raw, str):
+            return raw
+        return "" if self.ctx.tokenizer is None else self.ctx.tokenizer.decode(ids, skip_special_tokens=False)
+
     def _tokenize(self, x: str | list) -> list[int]:
         if self.chat:
             tok = self._tokenizer()
@@ -210,6 +225,9 @@ class _Job:
             stop_token_ids=b.stop_token_ids,
             ignore_eos=b.ignore_eos,
             logprobs=logprobs,
+            # echo + logprobs: the prompt's tokens are reported too, scored by the model.
+            prompt_logprobs=logprobs if self.echo and logprobs is not None else None,
+            logit_bias=b.checked_logit_bias(),
             skip_special_tokens=b.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,  # streams and full responses both add up deltas
         )
@@ -245,10 +263,20 @@ class _Job:
             raise RequestFailedError(out.error)
         c = self.choices[out.request_id]
         comp = out.outputs[0]
+        if self.echo and c.echoed is None:
+            ids, lps = self.prompts[c.prompt_index], out.prompt_logprobs
+            c.echoed = [
+                (t, None, None) if lps is None or lps[j] is None else (t, lps[j].logprob, lps[j].top)
+                for j, t in enumerate(ids)
+            ]
+        c.finish_reason, c.stop_reason = comp.finish_reason, comp.stop_reason
+        if self.score_only:
+            if c.finish_reason == "length":
+                c.stop_reason = None
+            return c, "", []
         if out.delta_text:
             c.pieces.append(out.delta_text)
         c.num_tokens += len(out.delta_token_ids)
-        c.finish_reason, c.stop_reason = comp.finish_reason, comp.stop_reason
         delta_lp = out.delta_logprobs or []
         c.logprobs.extend(delta_lp)
         return c, out.delta_text, delta_lp
@@ -266,19 +294,21 @@ class _Job:
         # A token holding part of a UTF-8 character shows as U+FFFD; its `bytes` stay exact.
         return self._token_bytes(token_id).decode("utf-8", errors="replace")
 
-    def _completion_logprobs(self, lps: list[TokenLogprob], c: _Choice) -> dict:
+    def _completion_logprobs(self, lps: list[TokenLogprob], c: _Choice, echoed: list | None = None) -> dict:
+        """OpenAI's legacy logprobs; `echoed` (the prompt's entries) go first, the first of them null."""
+        items = list(echoed or []) + [(lp.token_id, lp.logprob, lp.top) for lp in lps]
         tokens, offsets = [], []
-        for lp in lps:
-            s = self._token_text(lp.token_id)
+        for t, _, _ in items:
+            s = self._token_text(t)
             tokens.append(s)
             offsets.append(c.text_offset)
             c.text_offset += len(s)
         return {
             "tokens": tokens,
-            "token_logprobs": [max(lp.logprob, _MIN_LOGPROB) for lp in lps],
+            "token_logprobs": [None if v is None else max(v, _MIN_LOGPROB) for _, v, _ in items],
             "top_logprobs": [
-                {self._token_text(t): max(v, _MIN_LOGPROB) for t, v in [(lp.token_id, lp.logprob), *lp.top.items()]}
-                for lp in lps
+                None if v is None else {self._token_text(k): max(x, _MIN_LOGPROB) for k, x in [(t, v), *top.items()]}
+                for t, v, top in items
             ],
             "text_offset": offsets,
         }
@@ -295,11 +325,11 @@ class _Job:
             ]
         }
 
-    def _logprobs(self, lps: list[TokenLogprob], c: _Choice) -> dict | None:
+    def _logprobs(self, lps: list[TokenLogprob], c: _Choice, echoed: list | None = None) -> dict | None:
         wanted = self.body.logprobs if self.chat else self.body.logprobs is not None
         if not wanted:
             return None
-        return self._chat_logprobs(lps) if self.chat else self._completion_logprobs(lps, c)
+        return self._chat_logprobs(lps) if self.chat else self._completion_logprobs(lps, c, echoed)
 
     async def full_response(self, outputs: OutputStream) -> dict:
         async for out in outputs:
@@ -310,11 +340,12 @@ class _Job:
             raise EngineDeadError(self.ctx.engine.unavailable_message())
         choices = []
         for rid, c in self.choices.items():
-            choice: dict = {"index": self.index[rid], "logprobs": self._logprobs(c.logprobs, c)}
+            choice: dict = {"index": self.index[rid], "logprobs": self._logprobs(c.logprobs, c, c.echoed)}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": "".join(c.pieces)}
             else:
-                choice["text"] = "".join(c.pieces)
+                prefix = self.prompt_texts[c.prompt_index] if self.echo else ""
+                choice["text"] = prefix + "".join(c.pieces)
             choice["finish_reason"] = c.finish_reason
             choice["stop_reason"] = c.stop_reason
             choices.append(choice)
@@ -350,6 +381,11 @@ class _Job:
                     c.sent_role = True
                     first = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
                     yield self._chunk([{**first, "finish_reason": None}], with_usage=include_usage)
+                if self.echo and not c.sent_role:  # the prompt first, in a chunk of its own
+                    c.sent_role = True
+                    first = {"index": index, "text": self.prompt_texts[c.prompt_index], "finish_reason": None}
+                    first["logprobs"] = self._logprobs([], c, c.echoed)
+                    yield self._chunk([first], with_usage=include_usage)
                 if not delta and not c.finish_reason and not lps:
                     continue  # text held back (a possible stop string or a split character)
                 choice: dict = {"index": index, "logprobs": self._logprobs(lps, c)}
