@@ -15,6 +15,60 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024
 
 
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain the output (vLLM's names): exactly one of a JSON schema (`json`, a dict or its JSON
+    text), any JSON object (`json_object`), a regex, a choice of strings, or an EBNF grammar."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "structured_outputs takes exactly one of json, json_object, regex, choice, grammar; "
+                f"got {', '.join(given) or 'none'}",
+                param="structured_outputs",
+            )
+        if self.json is not None and not isinstance(self.json, dict | str):
+            raise InvalidRequestError(
+                "structured_outputs.json must be a JSON schema (an object)", param="structured_outputs"
+            )
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise InvalidRequestError(
+                    f"structured_outputs.{name} must be a non-empty string", param="structured_outputs"
+                )
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise InvalidRequestError(
+                "structured_outputs.choice must be a non-empty list of non-empty strings", param="structured_outputs"
+            )
+        if self.json_object not in (True, False):
+            raise InvalidRequestError(
+                "structured_outputs.json_object must be true or false", param="structured_outputs"
+            )
+
+    @property
+    def kind(self) -> str:
+        if self.json is not None:
+            return "JSON schema"
+        return (
+            "json_object grammar"
+            if self.json_object
+            else ("regex" if self.regex else ("choice" if self.choice else "grammar"))
+        )
+
+
 def _short(value) -> str:
     """repr cut to a line (errors only)."""
     r = reprlib.Repr()
@@ -61,6 +115,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # token id -> added to its logit before every other setting (OpenAI's range: [-100, 100]).
     logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
@@ -129,6 +184,8 @@ class SamplingParams:
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
             raise bad("stop_token_ids", f"a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "a StructuredOutputsParams or None")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "a RequestOutputKind")
         if self.logprobs is not None and (

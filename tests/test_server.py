@@ -451,6 +451,7 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(tiny_server):
             ran.append((op.label, mode))
     routes = {"GET /health", "GET /version", "GET /v1/models", "GET /metrics"}
     routes |= {"POST /v1/completions", "POST /v1/chat/completions"}
+    routes |= {"POST /tokenize", "POST /detokenize", "GET /tokenizer_info"}
     assert {label for label, _ in ran} == routes  # every route, each in every mode it has input for
     assert sum(1 for label, _ in ran if "completions" in label) == 4
     assert not failures, failures[:5]

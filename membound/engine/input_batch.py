@@ -17,6 +17,7 @@ from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.engine.request import SAMPLES, SPECIAL, TRUNCATES, Request
 from membound.engine.sampler import SamplingBatch, apply_penalties, logit_bias_rows
 from membound.engine.scheduler import SchedulerOutput
+from membound.engine.structured import token_bitmask
 from membound.engine.transfer import to_device
 
 PENDING = -1  # an input id the host does not know yet: the token pool has it
@@ -293,6 +294,11 @@ class InputBatch:
             t = to_device([banned_rows, banned_ids], torch.int64, dev)
             banned = (t[0], t[1])
         bias = logit_bias_rows(params, [i for i in special if params[i].logit_bias], self.vocab_size, dev)
+        grammar = None
+        constrained = [i for i in special if reqs[i].grammar is not None]
+        if constrained:
+            mask = token_bitmask([reqs[i].grammar for i in constrained], self.vocab_size)
+            grammar = (to_device(constrained, torch.int64, dev), mask.to(dev))
         return SamplingBatch(
             params=params,
             generators=generators,
@@ -306,6 +312,7 @@ class InputBatch:
             penalties=penalties,
             banned=banned,
             bias=bias,
+            grammar=grammar,
         )
 
     def write_tokens(self, slots: torch.Tensor, ids: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ from membound.engine.builder import build_engine, decode_graphs
 from membound.engine.core import StepTiming
 from membound.engine.output import make_output
 from membound.engine.request import Request
+from membound.engine.structured import StructuredOutputs
 from membound.errors import InvalidRequestError
 from membound.outputs import RequestOutput
 from membound.sampling_params import SamplingParams
@@ -54,6 +55,7 @@ class LLMEngine:
         self.max_model_len, self.kv_spec, self.memory = parts.max_model_len, parts.kv_spec, parts.memory
         self.allocator, self.scheduler, self.runner = parts.block_pool, parts.scheduler, parts.runner
         self.core = parts.core
+        self._structured: StructuredOutputs | None = None  # made with the first constrained request
 
     # ------------------------------------------------------------------ requests
 
@@ -82,6 +84,7 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         self._check_prompt(ids, params)
+        grammar = self._grammar(params)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -99,7 +102,26 @@ class LLMEngine:
             detok,
             generator,
         )
+        req.grammar = grammar
         self.core.add(req)
+
+    def _grammar(self, params: SamplingParams):
+        """The request's grammar matcher, or None; the compiler is made on first use."""
+        spec = params.structured_outputs
+        if spec is None:
+            return None
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured outputs need a tokenizer; this engine has none")
+        if self.core.async_scheduling:
+            # A mask needs the token the step in flight is sampling; launching ahead has not got it yet.
+            raise InvalidRequestError(
+                "structured outputs run with async scheduling off for now (async_scheduling=False, "
+                "--no-async-scheduling)",
+                param="structured_outputs",
+            )
+        if self._structured is None:
+            self._structured = StructuredOutputs(self.tokenizer.hf, self.model_config.vocab_size)
+        return self._structured.matcher(spec)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

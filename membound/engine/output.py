@@ -32,6 +32,12 @@ def append_token(req: Request, token_id: int, logprob: TokenLogprob | None) -> N
     prev_len = len(req.text)
     if req.detokenizer is not None:
         req.text += req.detokenizer.step(token_id)
+    if req.grammar is not None:
+        if not req.grammar.accept_token(token_id):  # the mask allowed only what the grammar accepts
+            raise RuntimeError(f"the grammar refused token {token_id}, which its mask allowed")
+        if req.grammar.is_terminated():
+            req.finish("stop")  # the structured output is complete
+            return
     if req.params.stop and n >= req.params.min_tokens and _check_stop_strings(req, prev_len):
         return
     if n >= req.max_output:

@@ -59,6 +59,7 @@ class Request:
         "error",
         "num_preemptions",
         "sampling_flags",
+        "grammar",
     )
 
     def __init__(
@@ -104,6 +105,7 @@ class Request:
         self.error: str | None = None  # why it ended, when finish_reason is "error"
         self.num_preemptions = 0
         self.sampling_flags = 0  # set by the input batch, which knows the vocabulary
+        self.grammar = None  # structured outputs: the xgrammar matcher the engine gave it
 
     @property
     def num_tokens(self) -> int:
@@ -138,7 +140,8 @@ class Request:
         p = self.params
         truncates = p.top_p < 1 or p.min_p > 0 or 0 < p.top_k < vocab_size
         self.sampling_flags = (SAMPLES | (TRUNCATES if truncates else 0)) if p.temperature > 0 else 0
-        if p.uses_penalties or p.min_tokens or p.logprobs is not None or self.generator is not None or p.logit_bias:
+        special = p.logprobs is not None or self.generator is not None or p.logit_bias or self.grammar is not None
+        if p.uses_penalties or p.min_tokens or special:
             self.sampling_flags |= SPECIAL
 
     def finish(self, reason: str, stop_reason: int | str | None = None) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from membound.engine.structured import allowed_tokens
 from membound.engine.transfer import to_device
 from membound.sampling_params import SamplingParams
 
@@ -33,6 +34,7 @@ class SamplingBatch:
     penalties: Penalties | None  # or any object with apply(logits) and record(ids)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) forced to -inf
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, added) logit_bias
+    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token bitmask [R, V / 32]) structured outputs
 
     @classmethod
     def build(
@@ -178,6 +180,10 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
         logits = logits.index_put(batch.banned, logits.new_full((), float("-inf")))
     if batch.penalties is not None:
         logits = batch.penalties.apply(logits)
+    if batch.grammar is not None:  # only what the grammar allows next
+        rows, mask = batch.grammar
+        allowed = allowed_tokens(mask, logits.shape[1])
+        logits = logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
     greedy_ids = logits.argmax(dim=-1)
     if batch.all_greedy:
         ids = greedy_ids

@@ -224,6 +224,31 @@ def cmd_doctor(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_export(a: argparse.Namespace) -> int:
+    import pathlib
+
+    from membound.model.loader import load_config, open_gguf, resolve_model
+    from membound.model.tokenizer import Tokenizer
+
+    out = pathlib.Path(a.dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not a.force:
+        raise ConfigError(f"{out} exists and is not empty; pick another folder or pass --force to write into it")
+    source = resolve_model(a.model)  # a GGUF file or a HF folder (presets carry no tokenizer)
+    tok = Tokenizer.from_model_path(source.path)
+    try:  # the model's context length (from the header), where transformers would say 1e30
+        max_len = load_config(source, open_gguf(source)).max_position_embeddings
+    except MemboundError:
+        max_len = None
+    try:
+        files = tok.export(out, model_max_length=max_len)
+    except OSError as e:
+        raise ConfigError(f"cannot write the tokenizer to {out}: {e.strerror or e}") from None
+    print(f"wrote {', '.join(files)} to {out}; load it with transformers.AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
 def _params(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=a.max_tokens,
@@ -358,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="name(s) clients use in the 'model' field; the first is reported (default: the model file name)",
     )
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 and tokenizer routes")
     g.add_argument(
         "--max-queued-requests",
         type=int,
@@ -415,6 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-decode", action="store_true", help="skip loading the model for a short decode")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_doctor)
+    t = sub.add_parser("tokenizer", help="the model's tokenizer: export it as a HF folder")
+    tsub = t.add_subparsers(dest="tokenizer_command", required=True)
+    te = tsub.add_parser(
+        "export",
+        help="write the model's tokenizer as a HF folder (tokenizer.json, tokenizer_config.json with the chat "
+        "template) that transformers.AutoTokenizer.from_pretrained loads",
+    )
+    te.add_argument("dir", metavar="DIR", help="folder to write (created; must be empty unless --force)")
+    te.add_argument("--model", default=None, help="GGUF file or HF model folder (default: the embedded SmolLM2)")
+    te.add_argument("--force", action="store_true", help="write into a non-empty folder, replacing tokenizer files")
+    te.set_defaults(func=cmd_tokenizer_export)
     from membound.bench.cli import add_bench_parser
 
     add_bench_parser(sub, _engine_args, _engine_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -48,9 +49,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def encode(self, text: str, field: str = "prompt") -> list[int]:
+    def encode(self, text: str, field: str = "prompt", *, add_special_tokens: bool = True) -> list[int]:
         check_text(text, field)
-        return self.hf.encode(text)
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -107,6 +108,73 @@ class Tokenizer:
 
     def detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Detokenizer:
         return Detokenizer(self, prompt_ids, skip_special_tokens)
+
+    def token_strs(self, ids: list[int]) -> list[str]:
+        """Each id's vocabulary entry as stored ("Ġworld" for byte-level BPE), as vLLM's /tokenize returns them."""
+        return self.hf.convert_ids_to_tokens(ids)
+
+    def info(self) -> dict[str, Any]:
+        """The tokenizer's configuration as JSON (what tokenizer_config.json holds), as vLLM's /tokenizer_info
+        reports it: the tokenizer's init arguments without file paths (added tokens as their text), its class,
+        the special tokens as text and ids, the chat template and the vocabulary size."""
+        hf = self.hf
+        info = {k: _json_safe(v) for k, v in (getattr(hf, "init_kwargs", None) or {}).items() if k not in _PATH_KEYS}
+        info["added_tokens_decoder"] = {str(i): t.content for i, t in sorted(hf.added_tokens_decoder.items())}
+        for name in ("bos", "eos", "pad", "unk"):
+            info[f"{name}_token"] = getattr(hf, f"{name}_token")
+            info[f"{name}_token_id"] = getattr(hf, f"{name}_token_id")
+        info["chat_template"] = hf.chat_template if isinstance(hf.chat_template, str) else None
+        info["vocab_size"] = self.vocab_size
+        info["tokenizer_class"] = type(hf).__name__
+        return info
+
+    def export(self, directory: str | os.PathLike, model_max_length: int | None = None) -> list[str]:
+        """Write this tokenizer as a HF folder that `AutoTokenizer.from_pretrained` loads (transformers 4 and 5):
+        tokenizer.json, and tokenizer_config.json holding the special tokens and the chat template (not a
+        separate chat_template.jinja, which older transformers do not read). Returns the files' names."""
+        out = pathlib.Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in _SHADOWING_FILES:  # left by an earlier tokenizer: they would override what is written now
+            (out / stale).unlink(missing_ok=True)
+        written = self.hf.save_pretrained(str(out), save_jinja_files=False)
+        cfg_path = out / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        for key in _PATH_KEYS:
+            cfg.pop(key, None)
+        # The generic fast class: transformers 5 names it TokenizersBackend, which transformers 4 does not know.
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if model_max_length is not None:
+            cfg["model_max_length"] = model_max_length
+        if isinstance(self.hf.chat_template, str):
+            cfg["chat_template"] = self.hf.chat_template
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        return sorted(pathlib.Path(f).name for f in written)
+
+
+# Loading hints and file paths of the process that loaded a tokenizer: meaningless to anyone else.
+_PATH_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path", "is_local", "local_files_only")
+_SHADOWING_FILES = (
+    "chat_template.jinja",
+    "chat_template.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def _json_safe(value: Any) -> Any:
+    """A tokenizer init argument as JSON: added tokens as their text, containers item by item."""
+    if hasattr(value, "content") and isinstance(value.content, str):  # tokenizers.AddedToken
+        return value.content
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 def check_text(text: str, field: str) -> None:

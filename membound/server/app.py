@@ -31,6 +31,13 @@ from membound.server.async_engine import AsyncEngine, EngineState, OutputStream
 from membound.server.metrics import ServerMetrics
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, validation_message
 from membound.server.serving import ServingContext, chat_job, completion_job
+from membound.server.tokenize import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize_job,
+    tokenize_job,
+    tokenizer_info_job,
+)
 
 log = logging.getLogger("membound.server")
 
@@ -83,14 +90,22 @@ def _error(status: int, message: str, type_: str, param: str | None = None, code
     return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
 
+# Outside /v1 but keyed too: vLLM serves its tokenizer routes at the root (/health, /version, /metrics stay open).
+_KEYED_ROOT_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
+
+
+def _needs_key(path: str) -> bool:
+    return path.startswith("/v1") or path.rstrip("/") in _KEYED_ROOT_PATHS
+
+
 class _ApiKey:
-    """401 for a /v1 request without 'Authorization: Bearer <key>' (/health and /metrics stay open)."""
+    """401 for a /v1 or tokenizer request without 'Authorization: Bearer <key>' (/health and /metrics stay open)."""
 
     def __init__(self, app, key: str) -> None:
         self.app, self.want = app, f"Bearer {key}".encode()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and _needs_key(scope["path"]):
             given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             if not hmac.compare_digest(given, self.want):
                 return await _error(
@@ -301,6 +316,22 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await respond(request, await build(chat_job, body))
+
+    # vLLM's tokenizer routes, at the root as vLLM serves them and under /v1 too (left out of the schema).
+    @app.post("/tokenize")
+    @app.post("/v1/tokenize", include_in_schema=False)
+    async def tokenize(body: TokenizeRequest):
+        return JSONResponse(await build(tokenize_job, body))
+
+    @app.post("/detokenize")
+    @app.post("/v1/detokenize", include_in_schema=False)
+    async def detokenize(body: DetokenizeRequest):
+        return JSONResponse(await build(detokenize_job, body))
+
+    @app.get("/tokenizer_info")
+    @app.get("/v1/tokenizer_info", include_in_schema=False)
+    async def tokenizer_info():
+        return JSONResponse(await build(tokenizer_info_job, None))
 
     return app
 

@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from membound.errors import InvalidRequestError
-from membound.sampling_params import MAX_LOGIT_BIAS
+from membound.sampling_params import MAX_LOGIT_BIAS, StructuredOutputsParams
 
 Number = StrictInt | float  # pydantic's float accepts ints; StrictInt keeps bools out of int fields
 
@@ -83,7 +83,46 @@ class _SamplingFields(BaseModel):
     ignore_eos: StrictBool = False
     skip_special_tokens: StrictBool = True
     logit_bias: SkipValidation[dict[str, Number] | None] = None  # token id (as a string) -> bias: `checked_logit_bias`
+    # vLLM's: exactly one of json (a schema), json_object, regex, choice, grammar (EBNF)
+    structured_outputs: dict[str, Any] | None = None
+    # OpenAI's: {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}
+    response_format: dict[str, Any] | None = None
     user: str | None = None
+
+    def checked_structured_outputs(self) -> StructuredOutputsParams | None:
+        """structured_outputs or response_format as one StructuredOutputsParams (None: unconstrained)."""
+        so, rf = self.structured_outputs, self.response_format
+        if so is not None and rf is not None and rf.get("type") != "text":
+            raise InvalidRequestError("give structured_outputs or response_format, not both", param="response_format")
+        if so is not None:
+            unknown = sorted(set(so) - {"json", "json_object", "regex", "choice", "grammar"})
+            if unknown:
+                raise InvalidRequestError(
+                    f"structured_outputs has unknown fields {unknown}; "
+                    "allowed: json, json_object, regex, choice, grammar",
+                    param="structured_outputs",
+                )
+            return StructuredOutputsParams(**{k: v for k, v in so.items() if v is not None})
+        if rf is None:
+            return None
+        kind = rf.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise InvalidRequestError(
+                    "response_format json_schema needs json_schema.schema, a JSON schema object",
+                    param="response_format",
+                )
+            return StructuredOutputsParams(json=schema)
+        raise InvalidRequestError(
+            f"response_format.type must be text, json_object or json_schema, got {str(kind)[:40]!r}",
+            param="response_format",
+        )
 
     def checked_logit_bias(self) -> dict[int, float] | None:
         """logit_bias with its keys as token ids (JSON keys are strings); ranges are SamplingParams'."""
@@ -254,7 +293,6 @@ class ChatCompletionRequest(_SamplingFields):
     # Typed for the schema only: any tools are refused, whatever their shape.
     tools: SkipValidation[list[Tool] | None] = None
     tool_choice: SkipValidation[Literal["none", "auto", "required"] | NamedToolChoice | None] = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: StrictBool = True
 
     def check_unsupported(self) -> None:
@@ -263,10 +301,6 @@ class ChatCompletionRequest(_SamplingFields):
             raise InvalidRequestError("tools (function calling) are not supported", param="tools")
         if self.tool_choice not in (None, "none", "auto"):
             raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise InvalidRequestError(
-                "response_format other than {'type': 'text'} is not supported", param="response_format"
-            )
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
 

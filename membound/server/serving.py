@@ -228,6 +228,7 @@ class _Job:
             # echo + logprobs: the prompt's tokens are reported too, scored by the model.
             prompt_logprobs=logprobs if self.echo and logprobs is not None else None,
             logit_bias=b.checked_logit_bias(),
+            structured_outputs=b.checked_structured_outputs(),
             skip_special_tokens=b.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,  # streams and full responses both add up deltas
         )
