@@ -186,6 +186,12 @@ class SamplingParams:
             raise bad("stop_token_ids", f"a list of at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise bad("structured_outputs", "a StructuredOutputsParams or None")
+        if self.structured_outputs is not None and self.min_tokens:
+            # min_tokens bans EOS, which a complete grammar leaves as the only choice.
+            raise InvalidRequestError(
+                "min_tokens cannot be combined with structured_outputs: the grammar decides where the output ends",
+                param="min_tokens",
+            )
         if not isinstance(self.output_kind, RequestOutputKind):
             raise bad("output_kind", "a RequestOutputKind")
         if self.logprobs is not None and (

@@ -169,3 +169,31 @@ def test_completions_echo_scores_the_prompt_as_lm_eval_asks(tiny_model_dir, tmp_
         assert texts[0] == "Hello there" and len("".join(texts)) > len("Hello there")
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+def test_one_token_chunks_are_scored_too(tiny):
+    """A prompt chunk of 1 token is scheduled among the decodes: it must still be scored (a budget of
+    64 with prompts of 63 and 40 tokens leaves the second 1 token in the first step)."""
+    path, hf = tiny
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (63, 40)]
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(path), skip_tokenizer_init=True, kv_cache_memory_bytes=8 << 20, block_size=8,
+            max_num_batched_tokens=64, max_num_seqs=4, long_prefill_token_threshold=0,
+        )
+    )  # fmt: skip
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=1))
+    outs = {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    for i, ids in enumerate(prompts):
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        lps = outs[f"r{i}"].prompt_logprobs
+        assert len(lps) == len(ids), (i, len(lps))
+        got = torch.tensor([lp.logprob for lp in lps[1:]])
+        torch.testing.assert_close(got, ref[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)

@@ -182,3 +182,32 @@ def test_the_openai_sdk_parses_a_pydantic_response_format_and_bad_schemas_are_40
         assert httpx.get(f"{server.url}/health").status_code == 200
     finally:
         assert server.stop() == 0, server.log_tail()
+
+
+def test_min_tokens_is_refused_with_structured_outputs():
+    with pytest.raises(InvalidRequestError, match="min_tokens cannot be combined"):
+        SamplingParams(min_tokens=3, structured_outputs=StructuredOutputsParams(choice=["a"]))
+
+
+def test_constrained_requests_under_async_scheduling(smollm2):
+    """With launch-ahead on (CUDA's default), steps go one at a time while a grammar runs: outputs
+    still match their grammar, and equal the same requests without launch-ahead; once only free
+    requests are left, launch-ahead comes back."""
+    engine = smollm2.engine
+    reqs = {}
+    for i in range(4):
+        so = StructuredOutputsParams(json=SCHEMAS[i])
+        reqs[f"j{i}"] = ("JSON:", SamplingParams(max_tokens=80, temperature=1.0, seed=i, structured_outputs=so))
+    reqs["free"] = ("Once upon a time", SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))
+    sync = _run_all(engine, reqs)
+    engine.async_scheduling = True
+    try:
+        ahead = engine.stats().num_steps_launched_ahead
+        outs = _run_all(engine, reqs)
+        for i in range(4):
+            assert outs[f"j{i}"].text == sync[f"j{i}"].text
+            jsonschema.validate(json.loads(outs[f"j{i}"].text), SCHEMAS[i])
+        # The free request outlives the others by ~80 tokens: those steps were launched ahead.
+        assert engine.stats().num_steps_launched_ahead > ahead
+    finally:
+        engine.async_scheduling = False

@@ -81,6 +81,17 @@ class EngineCore:
         return self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
+        early: list[RequestOutput] = []
+        # A grammar's next mask needs the token the step in flight is sampling: while any constrained
+        # request runs, steps go one at a time (that step is processed before the next is scheduled).
+        sync = not self.async_scheduling or any(r.grammar is not None for r in self.requests.values())
+        if sync and self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            try:
+                early = self._process(done, self.runner.fetch(done))
+            except BaseException as e:
+                self._abandon(done, e)
+                raise
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
@@ -98,10 +109,10 @@ class EngineCore:
             self.num_steps += 1
             if self._inflight is not None:
                 self.num_steps_launched_ahead += 1
-        prev, self._inflight = self._inflight, (launched if self.async_scheduling else None)
+        prev, self._inflight = self._inflight, (launched if not sync else None)
         t2 = time.perf_counter()
         outputs, wait = [], 0.0
-        for done in (prev, None if self.async_scheduling else launched):
+        for done in (prev, launched if sync else None):
             if done is not None:
                 w = time.perf_counter()
                 try:
@@ -119,7 +130,7 @@ class EngineCore:
             wait=wait,
             output=t3 - t2 - wait,
         )
-        return outputs
+        return early + outputs
 
     def _process(self, step: LaunchedStep, result) -> list[RequestOutput]:
         """Append a finished step's tokens, decide stops, build outputs; then let the scheduler

@@ -112,13 +112,6 @@ class LLMEngine:
             return None
         if self.tokenizer is None:
             raise InvalidRequestError("structured outputs need a tokenizer; this engine has none")
-        if self.core.async_scheduling:
-            # A mask needs the token the step in flight is sampling; launching ahead has not got it yet.
-            raise InvalidRequestError(
-                "structured outputs run with async scheduling off for now (async_scheduling=False, "
-                "--no-async-scheduling)",
-                param="structured_outputs",
-            )
         if self._structured is None:
             self._structured = StructuredOutputs(self.tokenizer.hf, self.model_config.vocab_size)
         return self._structured.matcher(spec)

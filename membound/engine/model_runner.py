@@ -120,15 +120,17 @@ class ModelRunner:
         next prompt token (row p, token p + 1), appended to the request's list. Synchronous (a copy to
         the host), as only scoring requests pay it. Rows already scored (a recompute after preemption)
         are skipped."""
-        for i in range(sched.num_decodes, len(sched.scheduled)):
-            s = sched.scheduled[i]
+        # Every entry: a 1-token prompt chunk is scheduled among the decodes.
+        for i, s in enumerate(sched.scheduled):
             req = s.request
             if not req.needs_prompt_logprobs:
                 continue
             lo = len(req.prompt_logprobs) - 1  # the first position whose next token has no entry yet
             hi = min(s.end, len(req.prompt_token_ids) - 1)
-            if lo < s.start or hi <= lo:
-                continue  # (lo < start: a chunk past an unscored row cannot happen; nothing to add)
+            if hi <= lo:
+                continue  # a recompute's rows past the scored ones, or the last prompt row
+            if lo < s.start:  # every chunk scores its rows: a gap would mean one was skipped
+                raise RuntimeError(f"prompt logprobs of {req.request_id} missed positions {lo}..{s.start - 1}")
             rows = slice(starts[i] + lo - s.start, starts[i] + hi - s.start)
             targets = torch.tensor(req.prompt_token_ids[lo + 1 : hi + 1], device=hidden.device)
             n = req.params.prompt_logprobs

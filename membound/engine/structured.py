@@ -27,13 +27,14 @@ class StructuredOutputs:
         self._xgr = xgrammar
         self.vocab_size = vocab_size
         info = xgrammar.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size)
-        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+        # Bounded cache: every distinct schema a client sends would otherwise stay (~170 KB each).
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_limit_bytes=256 << 20)
 
     def matcher(self, spec: StructuredOutputsParams):
         """A fresh matcher for this request; a grammar xgrammar cannot compile is the request's error."""
         c = self._compiler
         try:
-            # Compact JSON (no free whitespace): fewer tokens, and a weak model cannot pad forever.
+            # No free whitespace (fixed ", " and ": " separators): a weak model cannot pad forever.
             if spec.json is not None:
                 schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
                 compiled = c.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
