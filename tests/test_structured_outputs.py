@@ -211,3 +211,43 @@ def test_constrained_requests_under_async_scheduling(smollm2):
         assert engine.stats().num_steps_launched_ahead > ahead
     finally:
         engine.async_scheduling = False
+
+
+def test_a_slow_schema_compiles_off_the_engine_thread(tmp_path):
+    """A deeply nested schema takes xgrammar about a second to compile: other streams keep their pace."""
+    import threading
+    import time
+
+    import httpx
+
+    from tests.server_utils import ServerProcess
+
+    deep = {"type": "boolean"}
+    for _ in range(250):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    server = ServerProcess(["--max-model-len", "512", "--kv-cache-memory", "32"], tmp_path / "s.log")
+    try:
+        times: list[float] = []
+
+        def stream() -> None:
+            body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+
+        t = threading.Thread(target=stream)
+        t.start()
+        while len(times) < 20:
+            time.sleep(0.01)
+        t0 = time.perf_counter()
+        body = {"prompt": "JSON:", "max_tokens": 8, "structured_outputs": {"json": deep}}
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+        t1 = time.perf_counter()
+        t.join(120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith('{"a"'), r.text[:200]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False) if b >= t0 and a <= t1]
+        print(f"deep schema request {t1 - t0:.2f}s; the stream's max gap meanwhile {max(gaps):.3f}s")
+        assert t1 - t0 > 0.3 and max(gaps) < 0.5 * (t1 - t0), (t1 - t0, max(gaps))
+    finally:
+        assert server.stop() == 0, server.log_tail()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import types
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from membound.engine.request import Request
 from membound.engine.structured import StructuredOutputs
 from membound.errors import InvalidRequestError
 from membound.outputs import RequestOutput
-from membound.sampling_params import SamplingParams
+from membound.sampling_params import SamplingParams, StructuredOutputsParams
 
 log = logging.getLogger("membound")
 
@@ -56,6 +57,7 @@ class LLMEngine:
         self.allocator, self.scheduler, self.runner = parts.block_pool, parts.scheduler, parts.runner
         self.core = parts.core
         self._structured: StructuredOutputs | None = None  # made with the first constrained request
+        self._structured_lock = threading.Lock()
 
     # ------------------------------------------------------------------ requests
 
@@ -65,8 +67,11 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
+        grammar=None,
     ) -> None:
-        """Queue a request. Raises InvalidRequestError (and queues nothing) if it is bad."""
+        """Queue a request. Raises InvalidRequestError (and queues nothing) if it is bad.
+        grammar: a matcher from `compile_grammar(params.structured_outputs)` made beforehand
+        (elsewhere, say on another thread); by default it is compiled here."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling params must be a SamplingParams")
@@ -84,7 +89,10 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         self._check_prompt(ids, params)
-        grammar = self._grammar(params)
+        if params.structured_outputs is None:
+            grammar = None
+        elif grammar is None:
+            grammar = self.compile_grammar(params.structured_outputs)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -105,16 +113,16 @@ class LLMEngine:
         req.grammar = grammar
         self.core.add(req)
 
-    def _grammar(self, params: SamplingParams):
-        """The request's grammar matcher, or None; the compiler is made on first use."""
-        spec = params.structured_outputs
-        if spec is None:
-            return None
+    def compile_grammar(self, spec: StructuredOutputsParams):
+        """A fresh grammar matcher for `spec` (InvalidRequestError if it does not compile). Safe to call
+        from other threads than the one stepping the engine; the compiler is made on first use."""
         if self.tokenizer is None:
             raise InvalidRequestError("structured outputs need a tokenizer; this engine has none")
-        if self._structured is None:
-            self._structured = StructuredOutputs(self.tokenizer.hf, self.model_config.vocab_size)
-        return self._structured.matcher(spec)
+        with self._structured_lock:
+            if self._structured is None:
+                self._structured = StructuredOutputs(self.tokenizer.hf, self.model_config.vocab_size)
+            structured = self._structured
+        return structured.matcher(spec)
 
     def _check_prompt(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:

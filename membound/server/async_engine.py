@@ -44,6 +44,7 @@ class SubRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float
+    grammar: object | None = None  # structured outputs: its matcher, compiled off the engine thread
 
 
 @dataclasses.dataclass
@@ -361,7 +362,7 @@ class AsyncEngine:
         added = []
         try:
             for s in cmd.subs:
-                engine.add_request(s.request_id, s.prompt_token_ids, s.params, s.arrival_time)
+                engine.add_request(s.request_id, s.prompt_token_ids, s.params, s.arrival_time, grammar=s.grammar)
                 added.append(s.request_id)
         except BaseException as e:  # noqa: BLE001 - the error goes back to the HTTP request that sent it
             for rid in added:

@@ -125,7 +125,10 @@ class _Job:
             for i in range(body.n):
                 seed = None if base.seed is None else (base.seed + i) % 2**63
                 params = dataclasses.replace(base, max_tokens=max_tokens, seed=seed)
-                self.subs.append(SubRequest(f"{self.id}-{p_idx}-{i}", ids, params, self.arrival))
+                # Compiled here, on a job thread (xgrammar releases the GIL): a schema that takes
+                # seconds to compile never stalls the engine thread, and a bad one is a 400 now.
+                grammar = ctx.engine.engine.compile_grammar(spec) if (spec := base.structured_outputs) else None
+                self.subs.append(SubRequest(f"{self.id}-{p_idx}-{i}", ids, params, self.arrival, grammar))
         self.choices = {s.request_id: _Choice(k // body.n) for k, s in enumerate(self.subs)}
         self.index = {s.request_id: k for k, s in enumerate(self.subs)}
 
