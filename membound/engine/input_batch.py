@@ -118,6 +118,7 @@ class InputBatch:
     ) -> None:
         self.backend = backend  # prepares the attention metadata from this batch's tensors
         self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
         self.vocab_size = vocab_size
         self.device = device
         self.max_blocks = -(-max_model_len // block_size)

@@ -131,15 +131,20 @@ class ModelRunner:
                 continue  # a recompute's rows past the scored ones, or the last prompt row
             if lo < s.start:  # every chunk scores its rows: a gap would mean one was skipped
                 raise RuntimeError(f"prompt logprobs of {req.request_id} missed positions {lo}..{s.start - 1}")
-            rows = slice(starts[i] + lo - s.start, starts[i] + hi - s.start)
-            targets = torch.tensor(req.prompt_token_ids[lo + 1 : hi + 1], device=hidden.device)
             n = req.params.prompt_logprobs
-            chosen, top_vals, top_ids = score_tokens(self.model.compute_logits(hidden[rows]), targets, n)
-            chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
-            for j, tok in enumerate(req.prompt_token_ids[lo + 1 : hi + 1]):
-                req.prompt_logprobs.append(
-                    TokenLogprob(tok, chosen[j], dict(zip(top_ids[j], top_vals[j], strict=True)))
-                )
+            # In slices: a whole chunk's fp32 logits (2,048 rows x a 128k vocabulary: 1 GiB) are not
+            # in the memory plan; max_num_seqs rows of them are (the sampling rows').
+            step = max(1, self.input_batch.max_num_seqs)
+            for a in range(lo, hi, step):
+                b = min(hi, a + step)
+                rows = slice(starts[i] + a - s.start, starts[i] + b - s.start)
+                targets = torch.tensor(req.prompt_token_ids[a + 1 : b + 1], device=hidden.device)
+                chosen, top_vals, top_ids = score_tokens(self.model.compute_logits(hidden[rows]), targets, n)
+                chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+                for j, tok in enumerate(req.prompt_token_ids[a + 1 : b + 1]):
+                    req.prompt_logprobs.append(
+                        TokenLogprob(tok, chosen[j], dict(zip(top_ids[j], top_vals[j], strict=True)))
+                    )
 
     def fetch(self, step: LaunchedStep) -> SamplerOutput | None:
         """Wait for the step's result on the host."""
