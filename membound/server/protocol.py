@@ -52,8 +52,8 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
-    """What both endpoints share. Unknown fields are ignored (as OpenAI and vLLM do)."""
+class RequestBody(BaseModel):
+    """Every route's body: unknown fields are ignored (as OpenAI and vLLM do), null means the default."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -64,6 +64,10 @@ class _SamplingFields(BaseModel):
         if isinstance(data, dict):
             return {k: v for k, v in data.items() if v is not None}
         return data
+
+
+class _SamplingFields(RequestBody):
+    """What both completion endpoints share."""
 
     model: str | None = None
     n: StrictInt = 1
@@ -333,3 +337,30 @@ class ChatCompletionRequest(_SamplingFields):
 def error_body(message: str, type_: str, param: str | None = None, code: str | int | None = None) -> dict:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Checked messages as the chat template takes them. "developer" is OpenAI's newer name for
+    "system"; chat templates know only the latter."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(messages)
+    ]
+
+
+def kept_texts(raw: list) -> list[str]:
+    """The text of raw (unchecked) messages every chat template keeps whole: system and user turns
+    (not assistant turns: some templates drop past reasoning). A lower bound on what is encoded."""
+    texts = []
+    for m in raw:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user"):
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [
+                p["text"]
+                for p in content
+                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            ]
+    return texts

@@ -22,7 +22,7 @@ from membound.model.tokenizer import Tokenizer
 from membound.outputs import RequestOutput, TokenLogprob
 from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server.async_engine import AsyncEngine, OutputStream, SubRequest
-from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, kept_texts, template_messages
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 log = logging.getLogger("membound.server")
@@ -101,7 +101,7 @@ class _Job:
         base = self._params(self.max_tokens)  # validates ranges before any length arithmetic
         if chat:
             self._check_chat_cheaply(body.messages)  # before 100k messages are validated one by one
-            raw = [self._messages(body.checked_messages())]
+            raw = [template_messages(body.checked_messages())]
         else:
             raw = body.checked_prompts()
         # Refused before any tokenizing: a list of 100k prompts costs a len() here.
@@ -139,13 +139,6 @@ class _Job:
             raise InvalidRequestError("this model has no tokenizer; send prompts as token ids")
         return self.ctx.tokenizer
 
-    def _messages(self, messages: list) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for "system"; chat templates know only the latter.
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-            for i, m in enumerate(messages)
-        ]
-
     def _check_prompt_cheaply(self, x: str | list) -> None:
         """The length check where it needs no tokenizing: token ids are counted, text is bounded."""
         if isinstance(x, str):
@@ -166,20 +159,7 @@ class _Job:
         if not isinstance(messages, list):
             return
         self._check_length(len(messages), f"{len(messages)} messages, each at least one")
-        texts = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user"):
-                continue
-            content = m.get("content")
-            if isinstance(content, str):
-                texts.append(content)
-            elif isinstance(content, list):
-                texts += [
-                    p["text"]
-                    for p in content
-                    if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                ]
-        self._check_text_bound(texts)
+        self._check_text_bound(kept_texts(messages))
 
     def _check_text_bound(self, texts: list[str]) -> None:
         at_least, nbytes = self.ctx.min_tokens(texts)

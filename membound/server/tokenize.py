@@ -22,26 +22,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, SkipValidation, StrictBool, StrictInt, StrictStr, model_validator
+from pydantic import SkipValidation, StrictBool, StrictInt, StrictStr
 
 from membound.errors import InvalidRequestError
 from membound.model.tokenizer import Tokenizer
-from membound.server.protocol import ChatCompletionRequest, ChatMessage
+from membound.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody, kept_texts, template_messages
 from membound.server.serving import ServingContext
 
 MAX_MODEL_LEN_FACTOR = 8  # /tokenize and /detokenize take up to this many times max_model_len tokens
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # as the other routes: unknown fields are ignored
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_means_default(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
-        return data
-
+class _Body(RequestBody):
     model: str | None = None
 
 
@@ -165,12 +156,10 @@ def _tokenize_chat(ctx: ServingContext, tok: Tokenizer, body: TokenizeRequest) -
         # Cheap bounds before the messages are validated one by one, as the chat route's: every message
         # renders to at least one token, and system and user text is kept whole.
         _check_count(ctx, len(raw), "messages", f"{len(raw)} messages, each at least one")
-        _check_text_bound(ctx, _kept_texts(raw), "messages")
+        _check_text_bound(ctx, kept_texts(raw), "messages")
     # The chat route's validation and conversion (`_Job._messages`), so both count the same tokens.
     checked = ChatCompletionRequest.model_construct(messages=raw).checked_messages()
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(checked)
-    ]
+    messages = template_messages(checked)
     text = tok.render_chat(messages, add_generation_prompt=body.add_generation_prompt)
     _check_text_bound(ctx, [text], "messages")  # assistant turns too, as the template kept them
     if body.add_special_tokens:  # on top of what the template holds, as vLLM does
@@ -179,23 +168,6 @@ def _tokenize_chat(ctx: ServingContext, tok: Tokenizer, body: TokenizeRequest) -
         ids = tok.encode_rendered(text)
     _check_count(ctx, len(ids), "messages")
     return ids
-
-
-def _kept_texts(raw: list) -> list[str]:
-    texts = []
-    for m in raw:
-        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user"):
-            continue
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif isinstance(content, list):
-            texts += [
-                p["text"]
-                for p in content
-                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            ]
-    return texts
 
 
 def _short(t: int) -> str:
