@@ -376,7 +376,7 @@ def engine_greedy(rec: Recorder, path: str, max_len: int, prompts: list[list[int
                 {
                     "prompt": prompt,
                     "tokens": out.token_ids,
-                    "logprobs": [lp.logprob for lp in out.logprobs],
+                    "logprobs": [lp[t].logprob for lp, t in zip(out.logprobs, out.token_ids, strict=True)],
                     "logits": logits,
                     "calls": len(seen),
                 }

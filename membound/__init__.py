@@ -4,7 +4,7 @@ from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
 from membound.entrypoints.llm import LLM
 from membound.errors import ConfigError, InvalidRequestError, MemboundError, ModelLoadError
-from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from membound.outputs import CompletionOutput, Logprob, RequestOutput
 from membound.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -16,10 +16,10 @@ __all__ = [
     "EngineConfig",
     "InvalidRequestError",
     "LLMEngine",
+    "Logprob",
     "MemboundError",
     "ModelLoadError",
     "RequestOutput",
     "RequestOutputKind",
     "SamplingParams",
-    "TokenLogprob",
 ]

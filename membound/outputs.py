@@ -3,15 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(slots=True)
-class TokenLogprob:
-    """The sampled token's logprob and the top alternatives, for one position."""
+class Logprob:
+    """One token's log-probability at one position, under the model's raw distribution (vLLM's shape).
 
-    token_id: int
+    A position's logprobs are a `dict[int, Logprob]` (token id -> entry): the sampled (or prompt)
+    token first, then the top-k by rank; k + 1 entries when that token is not among the top k."""
+
     logprob: float
-    top: dict[int, float]  # token id -> logprob, best first
+    rank: int | None = None  # 1 = the most likely token
+    decoded_token: str | None = None  # the token's text (None without a tokenizer)
+
+
+PositionLogprobs = dict[int, Logprob]
+
+
+def position_logprobs(
+    token_id: int,
+    logprob: float,
+    rank: int,
+    top_ids: list[int],
+    top_logprobs: list[float],
+    text: Callable[[int], str] | None,
+) -> PositionLogprobs:
+    """One position's entry: the token itself, then the top alternatives (ranks 1..k)."""
+    out = {token_id: Logprob(logprob, rank, text(token_id) if text else None)}
+    for r, (t, v) in enumerate(zip(top_ids, top_logprobs, strict=True), start=1):
+        if t not in out:
+            out[t] = Logprob(v, r, text(t) if text else None)
+    return out
 
 
 @dataclasses.dataclass(slots=True)
@@ -31,9 +54,16 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    logprobs: list[TokenLogprob] | None
+    logprobs: list[PositionLogprobs] | None  # one per token in token_ids, when asked for
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the sampled tokens' logprobs (None when logprobs were not asked for)."""
+        if self.logprobs is None:
+            return None
+        return sum(lp[t].logprob for lp, t in zip(self.logprobs, self.token_ids, strict=True))
 
 
 @dataclasses.dataclass(slots=True)
@@ -49,11 +79,11 @@ class RequestOutput:
     metrics: RequestMetrics
     delta_text: str = ""
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
-    delta_logprobs: list[TokenLogprob] | None = None
+    delta_logprobs: list[PositionLogprobs] | None = None
     error: str | None = None  # set when finish_reason is "error": what went wrong
     # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (complete once
     # the prompt has run; every output carries the whole list).
-    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     def merged_with(self, newer: RequestOutput, delta: bool) -> RequestOutput:
         """One output saying what `self` and then `newer` said (for a reader that fell behind).

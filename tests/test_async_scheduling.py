@@ -87,7 +87,9 @@ def test_outputs_identical_with_and_without_async_scheduling(tmp_path, workload,
         a, b = w.outputs[0], g.outputs[0]
         assert (b.token_ids, b.finish_reason, b.stop_reason) == (a.token_ids, a.finish_reason, a.stop_reason)
         if a.logprobs is not None:
-            assert [x.logprob for x in b.logprobs] == pytest.approx([x.logprob for x in a.logprobs], abs=1e-5)
+            assert [x[t].logprob for x, t in zip(b.logprobs, b.token_ids, strict=True)] == pytest.approx(
+                [x[t].logprob for x, t in zip(a.logprobs, a.token_ids, strict=True)], abs=1e-5
+            )
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
     assert stats.generation_tokens == sum(len(o.outputs[0].token_ids) for o in got)

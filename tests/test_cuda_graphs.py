@@ -61,8 +61,8 @@ def test_padded_decode_matches_the_unpadded_path(tmp_path, max_num_seqs):
     for w, g in zip(want, got, strict=True):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         if w.outputs[0].logprobs is not None:
-            for a, b in zip(w.outputs[0].logprobs, g.outputs[0].logprobs, strict=True):
-                assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            for a, b, t in zip(w.outputs[0].logprobs, g.outputs[0].logprobs, w.outputs[0].token_ids, strict=True):
+                assert a[t].logprob == pytest.approx(b[t].logprob, abs=1e-5)
     stats = padded.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
 

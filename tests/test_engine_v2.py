@@ -92,7 +92,7 @@ def test_output_kinds_deltas_add_up_and_final_only_reports_once(tmp_path):
     # Deltas: each step's output holds only that step's token, never what came before.
     assert all(len(o.outputs[0].token_ids) == 1 for o in delta)
     assert [t for o in delta for t in o.outputs[0].token_ids] == want.token_ids
-    assert [x.logprob for o in delta for x in o.outputs[0].logprobs] == [x.logprob for x in want.logprobs]
+    assert [x for o in delta for x in o.outputs[0].logprobs] == want.logprobs
     assert len(final) == 1 and final[0].finished and final[0].outputs[0].token_ids == want.token_ids
     # Cumulative outputs are copies: later steps do not change what an earlier output said.
     assert [len(o.outputs[0].token_ids) for o in cum] == list(range(1, 41))
@@ -313,8 +313,7 @@ def test_a_reader_that_stops_reading_holds_one_merged_output_not_a_queue(tmp_pat
         assert len(rest) == 1  # one merged output, not 99 queued ones
         got = first.outputs[0].token_ids + rest[0].outputs[0].token_ids
         assert got == want.token_ids == first.delta_token_ids + rest[0].delta_token_ids
-        lps = first.outputs[0].logprobs + rest[0].outputs[0].logprobs
-        assert [x.logprob for x in lps] == [x.logprob for x in want.logprobs]
+        assert first.outputs[0].logprobs + rest[0].outputs[0].logprobs == want.logprobs
 
     try:
         asyncio.run(main())

@@ -79,7 +79,7 @@ def test_greedy_decode_matches_hf(pair):
     with torch.no_grad():
         logits = hf(torch.tensor([prompt + ref])).logits[0]
     ref_lp = logits.log_softmax(-1)[len(prompt) - 1 : -1]
-    got = torch.tensor([lp.logprob for lp in comp.logprobs])
+    got = torch.tensor([lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True)])
     want = ref_lp.gather(1, torch.tensor(ref)[:, None])[:, 0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -100,4 +100,5 @@ def test_half_precision_stays_close_to_fp32(tmp_path, dtype):
     torch.testing.assert_close(ours, ref, atol=0.2, rtol=0.05)
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
     out = llm.generate(ids, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1))
-    assert all(torch.isfinite(torch.tensor(lp.logprob)) for lp in out[0].outputs[0].logprobs)
+    comp = out[0].outputs[0]
+    assert all(torch.isfinite(torch.tensor(lp[t].logprob)) for lp, t in zip(comp.logprobs, comp.token_ids, strict=True))

@@ -235,8 +235,8 @@ def test_whole_model_triton_backend_matches_torch_backend(tmp_path, family):
         assert llm.engine.stats().prefix_cache_hits >= 16  # the second call extends a cached prefix
     for a, b in zip(outs["torch"], outs["triton"], strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        la = torch.tensor([lp.logprob for lp in a.outputs[0].logprobs])
-        lb = torch.tensor([lp.logprob for lp in b.outputs[0].logprobs])
+        la = torch.tensor([lp[t].logprob for lp, t in zip(a.outputs[0].logprobs, a.outputs[0].token_ids, strict=True)])
+        lb = torch.tensor([lp[t].logprob for lp, t in zip(b.outputs[0].logprobs, b.outputs[0].token_ids, strict=True)])
         torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
 
 

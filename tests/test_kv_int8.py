@@ -141,7 +141,13 @@ def test_whole_model_int8_kv_on_both_backends(tmp_path):
         outs[backend, kv] = llm.generate(prompts, params)
 
     def logprobs(key):
-        return torch.tensor([lp.logprob for o in outs[key] for lp in o.outputs[0].logprobs])
+        return torch.tensor(
+            [
+                lp[t].logprob
+                for o in outs[key]
+                for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)
+            ]
+        )
 
     for a, b in zip(outs["torch", "int8"], outs["triton", "int8"], strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

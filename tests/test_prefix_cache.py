@@ -82,8 +82,8 @@ def outputs(llm: LLM, prompts, params=GREEDY):
 def assert_same(on, off):
     for x, y in zip(on, off, strict=True):
         assert x.token_ids == y.token_ids
-        got = torch.tensor([lp.logprob for lp in x.logprobs])
-        want = torch.tensor([lp.logprob for lp in y.logprobs])
+        got = torch.tensor([lp[t].logprob for lp, t in zip(x.logprobs, x.token_ids, strict=True)])
+        want = torch.tensor([lp[t].logprob for lp, t in zip(y.logprobs, y.token_ids, strict=True)])
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

@@ -52,11 +52,15 @@ def test_prompt_logprobs_equal_hf_and_survive_chunking_and_a_cached_prefix(tiny,
     assert len(lps) == len(ids) and lps[0] is None
     for p in range(1, len(ids)):
         lp = lps[p]
-        assert lp.token_id == ids[p]
-        assert abs(lp.logprob - ref[p - 1, ids[p]].item()) < 1e-4, p
+        assert next(iter(lp)) == ids[p]  # the prompt token first, then the top 3 (vLLM's shape)
+        assert abs(lp[ids[p]].logprob - ref[p - 1, ids[p]].item()) < 1e-4, p
+        assert lp[ids[p]].rank == int((ref[p - 1] > ref[p - 1, ids[p]]).sum()) + 1, p
         want = ref[p - 1].topk(3)
-        assert list(lp.top) == want.indices.tolist(), p
-        torch.testing.assert_close(torch.tensor(list(lp.top.values())), want.values, atol=1e-4, rtol=0)
+        top = sorted((x.rank, t, x.logprob) for t, x in lp.items() if x.rank <= 3)
+        assert [t for _, t, _ in top] == want.indices.tolist(), p
+        assert [r for r, _, _ in top] == [1, 2, 3]
+        torch.testing.assert_close(torch.tensor([v for _, _, v in top]), want.values, atol=1e-4, rtol=0)
+        assert len(lp) == (3 if lp[ids[p]].rank <= 3 else 4)
     # Once scored, the same prompt may use the cache again (a plain request, no scoring).
     _run(engine, "again", ids, SamplingParams(max_tokens=1, temperature=0))
     assert engine.stats().prefix_cache_hits > hits_before
@@ -84,8 +88,8 @@ def test_prompt_logprobs_zero_gives_the_tokens_own_logprob_only_and_a_preempted_
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         lps = outs[f"r{i}"].prompt_logprobs
-        assert len(lps) == len(ids) and all(lp.top == {} for lp in lps[1:])
-        got = torch.tensor([lp.logprob for lp in lps[1:]])
+        assert len(lps) == len(ids) and all(list(lp) == [t] for lp, t in zip(lps[1:], ids[1:], strict=True))
+        got = torch.tensor([lp[t].logprob for lp, t in zip(lps[1:], ids[1:], strict=True)])
         torch.testing.assert_close(got, ref[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
 
 
@@ -195,5 +199,42 @@ def test_one_token_chunks_are_scored_too(tiny):
             ref = hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
         lps = outs[f"r{i}"].prompt_logprobs
         assert len(lps) == len(ids), (i, len(lps))
-        got = torch.tensor([lp.logprob for lp in lps[1:]])
+        got = torch.tensor([lp[t].logprob for lp, t in zip(lps[1:], ids[1:], strict=True)])
         torch.testing.assert_close(got, ref[torch.arange(len(ids) - 1), ids[1:]], atol=1e-4, rtol=0)
+
+
+def test_outputs_have_vllms_logprob_shape_on_the_real_model(smollm2_none):
+    """CompletionOutput.logprobs / RequestOutput.prompt_logprobs as vLLM gives them: per position a
+    dict token id -> Logprob(logprob, rank, decoded_token), the token itself first, then the top k;
+    ranks and values against the model's own full logits."""
+    from tests.conftest import full_logits
+
+    llm = smollm2_none  # fp32: decode steps and one prefill agree closely
+    tok = llm.engine.tokenizer
+    prompt = "The capital of France is"
+    params = SamplingParams(temperature=1.5, seed=7, max_tokens=12, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = llm.generate(prompt, params)[0]
+    comp = out.outputs[0]
+    ids = out.prompt_token_ids + comp.token_ids
+    ref = full_logits(llm.engine, ids).float().log_softmax(-1)  # row p scores token p + 1
+    ranks = []
+    for pos, (lp, t) in enumerate(zip(comp.logprobs, comp.token_ids, strict=True)):
+        row = ref[len(out.prompt_token_ids) + pos - 1]
+        assert next(iter(lp)) == t
+        tol = 1e-3
+        assert abs(lp[t].logprob - row[t].item()) < tol
+        assert int((row > row[t] + tol).sum()) + 1 <= lp[t].rank <= int((row > row[t] - tol).sum()) + 1
+        top = sorted((x.rank, k) for k, x in lp.items() if x.rank <= 3)
+        assert [r for r, _ in top] == [1, 2, 3] and len(lp) == (3 if lp[t].rank <= 3 else 4)
+        assert all(x.decoded_token == tok.decode([k], skip_special_tokens=False) for k, x in lp.items())
+        ranks.append(lp[t].rank)
+    assert max(ranks) > 1  # at temperature 1.5 some sampled token is not the argmax
+    assert comp.cumulative_logprob == pytest.approx(sum(lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids)))
+    plp = out.prompt_logprobs
+    assert plp[0] is None and len(plp) == len(out.prompt_token_ids)
+    for p in range(1, len(plp)):
+        t = out.prompt_token_ids[p]
+        row, tol = ref[p - 1], 1e-3
+        assert next(iter(plp[p])) == t and abs(plp[p][t].logprob - row[t].item()) < tol
+        assert int((row > row[t] + tol).sum()) + 1 <= plp[p][t].rank <= int((row > row[t] - tol).sum()) + 1
+        assert plp[p][t].decoded_token == tok.decode([t])

@@ -67,6 +67,7 @@ def test_greedy_takes_argmax_and_logprobs_are_raw():
     assert out.token_ids == [1, 0]
     lp = logits.log_softmax(-1)
     assert out.logprobs == pytest.approx([lp[0, 1].item(), lp[1, 0].item()])
+    assert out.ranks == [1, 1]
     assert out.top_ids[0] == [1, 2]
     assert out.top_logprobs[0] == pytest.approx([lp[0, 1].item(), lp[0, 2].item()])
 

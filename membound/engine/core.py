@@ -18,7 +18,7 @@ from membound.engine.model_runner import LaunchedStep, ModelRunner
 from membound.engine.output import append_token, fail, make_output
 from membound.engine.request import Request
 from membound.engine.scheduler import Scheduler
-from membound.outputs import RequestOutput, TokenLogprob
+from membound.outputs import RequestOutput, position_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +152,10 @@ class EngineCore:
                 lp = None
                 if want_lp and req.logprobs is not None:
                     n = req.params.logprobs
-                    top = dict(zip(result.top_ids[row][:n], result.top_logprobs[row][:n], strict=True))
-                    lp = TokenLogprob(token, result.logprobs[row], top)
+                    lp = position_logprobs(
+                        token, result.logprobs[row], result.ranks[row],
+                        result.top_ids[row][:n], result.top_logprobs[row][:n], req.token_text,
+                    )  # fmt: skip
                 if req.metrics.first_token_time is None:
                     req.metrics.first_token_time = now
                 try:

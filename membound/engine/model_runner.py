@@ -20,7 +20,7 @@ from membound.engine.request import Request
 from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, score_tokens, unpack
 from membound.engine.scheduler import SchedulerOutput
 from membound.model.llama import LlamaForCausalLM
-from membound.outputs import TokenLogprob
+from membound.outputs import position_logprobs
 
 
 class HostCopier:
@@ -139,11 +139,11 @@ class ModelRunner:
                 b = min(hi, a + step)
                 rows = slice(starts[i] + a - s.start, starts[i] + b - s.start)
                 targets = torch.tensor(req.prompt_token_ids[a + 1 : b + 1], device=hidden.device)
-                chosen, top_vals, top_ids = score_tokens(self.model.compute_logits(hidden[rows]), targets, n)
-                chosen, top_vals, top_ids = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+                scored = score_tokens(self.model.compute_logits(hidden[rows]), targets, n)
+                chosen, rank, top_vals, top_ids = (x.tolist() for x in scored)
                 for j, tok in enumerate(req.prompt_token_ids[a + 1 : b + 1]):
                     req.prompt_logprobs.append(
-                        TokenLogprob(tok, chosen[j], dict(zip(top_ids[j], top_vals[j], strict=True)))
+                        position_logprobs(tok, chosen[j], rank[j], top_ids[j], top_vals[j], req.token_text)
                     )
 
     def fetch(self, step: LaunchedStep) -> SamplerOutput | None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 
 from membound.engine.request import Request
-from membound.outputs import CompletionOutput, RequestOutput, TokenLogprob
+from membound.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from membound.sampling_params import RequestOutputKind
 
 log = logging.getLogger("membound")
 
 
-def append_token(req: Request, token_id: int, logprob: TokenLogprob | None) -> None:
+def append_token(req: Request, token_id: int, logprob: PositionLogprobs | None) -> None:
     """Record a sampled token, then decide whether the request is done. Raises on a failing
     detokenizer or stop check (the caller contains it)."""
     req.token_ids.append(token_id)

@@ -7,12 +7,13 @@ output processor appends tokens, detokenizes and decides when it stops.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import torch
 
 from membound.engine.kv_cache import hash_block
 from membound.model.tokenizer import Detokenizer
-from membound.outputs import RequestMetrics, TokenLogprob
+from membound.outputs import PositionLogprobs, RequestMetrics
 from membound.sampling_params import SamplingParams
 
 # Request.sampling_flags bits: what a sampling batch must do for the request.
@@ -97,9 +98,11 @@ class Request:
         self.text = ""
         self.emitted_chars = 0  # how much of `text` step outputs have shown
         self.emitted_tokens = 0  # how many output tokens step outputs have shown
-        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
         # Entry j: prompt token j's logprob; the first token has none (nothing precedes it).
-        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.error: str | None = None  # why it ended, when finish_reason is "error"
@@ -125,6 +128,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def token_text(self) -> Callable[[int], str] | None:
+        """A token's text for its logprobs' `decoded_token` (None without a tokenizer)."""
+        return None if self.detokenizer is None else self.detokenizer.token_text
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -146,6 +146,7 @@ def apply_penalties(
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float] | None  # of the sampled token, raw model distribution
+    ranks: list[int] | None  # of the sampled token (1: the most likely)
     top_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
 
@@ -172,7 +173,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generato
 
 def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None) -> torch.Tensor:
     """Everything on the device; returns one small tensor for the single transfer to the host:
-    the ids [B] (int64), or with logprobs [B, 2 + 2k] fp32 (id, its logprob, top-k values, top-k ids)."""
+    the ids [B] (int64), or with logprobs [B, 3 + 2k] fp32 (id, its logprob, its rank, top-k values,
+    top-k ids)."""
     raw_logprobs = logits.log_softmax(dim=-1) if batch.max_logprobs is not None else None
     if batch.bias is not None:  # before every other setting (as OpenAI and vLLM apply it)
         logits = logits.index_put(batch.bias[:2], batch.bias[2], accumulate=True)
@@ -204,33 +206,35 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
         batch.penalties.record(ids)  # counts kept on the device see this token at the next step
     if raw_logprobs is None:
         return ids
-    chosen = raw_logprobs.gather(1, ids[:, None])[:, 0]
-    top = raw_logprobs.topk(max(batch.max_logprobs, 1), dim=-1)
-    # ids travel as fp32 beside the logprobs: exact, vocabularies being far below 2**24.
-    return torch.cat([ids[:, None].float(), chosen[:, None], top.values, top.indices.float()], dim=1)
+    chosen, rank, top_vals, top_ids = score_tokens(raw_logprobs, ids, max(batch.max_logprobs, 1), normalized=True)
+    # ids and ranks travel as fp32 beside the logprobs: exact, vocabularies being far below 2**24.
+    return torch.cat([ids[:, None].float(), chosen[:, None], rank[:, None].float(), top_vals, top_ids.float()], dim=1)
 
 
 def score_tokens(
-    logits: torch.Tensor, targets: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw-distribution logprobs of `targets` [R] under `logits` [R, V], and each row's top-k
-    (values, ids): what logprobs report, for the sampled token and for prompt tokens alike."""
-    raw = logits.float().log_softmax(dim=-1)
+    logits: torch.Tensor, targets: torch.Tensor, k: int, normalized: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-distribution logprobs of `targets` [R] under `logits` [R, V] (already log-softmaxed when
+    `normalized`), their ranks (1: the most likely), and each row's top-k (values, ids): what
+    logprobs report, for the sampled token and for prompt tokens alike."""
+    raw = logits if normalized else logits.float().log_softmax(dim=-1)
     top = raw.topk(k, dim=-1) if k else None
     chosen = raw.gather(1, targets[:, None])[:, 0]
+    rank = (raw > chosen[:, None]).sum(dim=-1) + 1  # ties share the better rank, as vLLM counts
     empty = raw.new_zeros(raw.shape[0], 0)
-    return chosen, (top.values if top else empty), (top.indices if top else empty.long())
+    return chosen, rank, (top.values if top else empty), (top.indices if top else empty.long())
 
 
 def unpack(host: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
     """The host copy of `sample_on_device`'s result as Python lists."""
     if batch.max_logprobs is None:
-        return SamplerOutput(host.tolist(), None, None, None)
+        return SamplerOutput(host.tolist(), None, None, None, None)
     k = max(batch.max_logprobs, 1)
     packed = host.tolist()
     return SamplerOutput(
         token_ids=[int(row[0]) for row in packed],
         logprobs=[row[1] for row in packed],
-        top_ids=[[int(x) for x in row[2 + k :]] for row in packed],
-        top_logprobs=[row[2 : 2 + k] for row in packed],
+        ranks=[int(row[2]) for row in packed],
+        top_ids=[[int(x) for x in row[3 + k :]] for row in packed],
+        top_logprobs=[row[3 : 3 + k] for row in packed],
     )

@@ -96,6 +96,11 @@ class Tokenizer:
             return bytes([int(piece[3:5], 16)])
         return piece.replace("\u2581", " ").encode()
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own; a token holding part of a UTF-8 character shows U+FFFD
+        (its `token_bytes` stay exact)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
     @property
     def _byte_decoder(self) -> dict[str, int] | None:
         if not hasattr(self, "_bd"):
@@ -225,6 +230,7 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> None:
+        self.token_text = tokenizer.token_text  # for logprobs' decoded_token
         self._tok = tokenizer.backend
         self._skip = skip_special_tokens
         self._stream = DecodeStream(ids=list(prompt_ids[-8:]), skip_special_tokens=skip_special_tokens)

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from membound.errors import EngineDeadError, InvalidRequestError, MemboundError, RequestFailedError
 from membound.model.tokenizer import Tokenizer
-from membound.outputs import RequestOutput, TokenLogprob
+from membound.outputs import PositionLogprobs, RequestOutput
 from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server.async_engine import AsyncEngine, OutputStream, SubRequest
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, kept_texts, template_messages
@@ -67,10 +67,10 @@ class _Choice:
     num_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    logprobs: list[tuple[int, PositionLogprobs]] = dataclasses.field(default_factory=list)  # (token, its entry)
     text_offset: int = 0  # completions' logprobs report each token's offset into the text
     sent_role: bool = False
-    echoed: list | None = None  # echo: the prompt's (token id, logprob | None, top | None), once it ran
+    echoed: list | None = None  # echo: the prompt's (token id, its entry | None), once it ran
 
 
 class _Job:
@@ -242,17 +242,14 @@ class _Job:
 
     # ------------------------------------------------------------------ output
 
-    def _update(self, out: RequestOutput) -> tuple[_Choice, str, list[TokenLogprob]]:
+    def _update(self, out: RequestOutput) -> tuple[_Choice, str, list[tuple[int, PositionLogprobs]]]:
         if out.error is not None:
             raise RequestFailedError(out.error)
         c = self.choices[out.request_id]
         comp = out.outputs[0]
         if self.echo and c.echoed is None:
             ids, lps = self.prompts[c.prompt_index], out.prompt_logprobs
-            c.echoed = [
-                (t, None, None) if lps is None or lps[j] is None else (t, lps[j].logprob, lps[j].top)
-                for j, t in enumerate(ids)
-            ]
+            c.echoed = [(t, None if lps is None else lps[j]) for j, t in enumerate(ids)]
         c.finish_reason, c.stop_reason = comp.finish_reason, comp.stop_reason
         if self.score_only:
             if c.finish_reason == "length":
@@ -261,7 +258,7 @@ class _Job:
         if out.delta_text:
             c.pieces.append(out.delta_text)
         c.num_tokens += len(out.delta_token_ids)
-        delta_lp = out.delta_logprobs or []
+        delta_lp = list(zip(out.delta_token_ids, out.delta_logprobs or [], strict=False))
         c.logprobs.extend(delta_lp)
         return c, out.delta_text, delta_lp
 
@@ -275,41 +272,45 @@ class _Job:
         return str(token_id).encode() if tok is None else tok.token_bytes(token_id)
 
     def _token_text(self, token_id: int) -> str:
-        # A token holding part of a UTF-8 character shows as U+FFFD; its `bytes` stay exact.
-        return self._token_bytes(token_id).decode("utf-8", errors="replace")
+        tok = self.ctx.tokenizer
+        return str(token_id) if tok is None else tok.token_text(token_id)
 
-    def _completion_logprobs(self, lps: list[TokenLogprob], c: _Choice, echoed: list | None = None) -> dict:
-        """OpenAI's legacy logprobs; `echoed` (the prompt's entries) go first, the first of them null."""
-        items = list(echoed or []) + [(lp.token_id, lp.logprob, lp.top) for lp in lps]
+    def _completion_logprobs(self, lps: list[tuple[int, PositionLogprobs]], c: _Choice, echoed=None) -> dict:
+        """OpenAI's legacy logprobs; `echoed` (the prompt's entries) go first, the first of them null.
+        top_logprobs holds the token itself and the top alternatives, as vLLM returns them."""
+        items = list(echoed or []) + lps
         tokens, offsets = [], []
-        for t, _, _ in items:
+        for t, _ in items:
             s = self._token_text(t)
             tokens.append(s)
             offsets.append(c.text_offset)
             c.text_offset += len(s)
         return {
             "tokens": tokens,
-            "token_logprobs": [None if v is None else max(v, _MIN_LOGPROB) for _, v, _ in items],
+            "token_logprobs": [None if e is None else max(e[t].logprob, _MIN_LOGPROB) for t, e in items],
             "top_logprobs": [
-                None if v is None else {self._token_text(k): max(x, _MIN_LOGPROB) for k, x in [(t, v), *top.items()]}
-                for t, v, top in items
+                None if e is None else {self._token_text(k): max(x.logprob, _MIN_LOGPROB) for k, x in e.items()}
+                for _, e in items
             ],
             "text_offset": offsets,
         }
 
-    def _chat_logprobs(self, lps: list[TokenLogprob]) -> dict:
+    def _chat_logprobs(self, lps: list[tuple[int, PositionLogprobs]]) -> dict:
+        n = self.body.top_logprobs or 0
+
         def entry(token_id: int, logprob: float) -> dict:
             s = self._token_text(token_id)
             return {"token": s, "logprob": max(logprob, _MIN_LOGPROB), "bytes": list(self._token_bytes(token_id))}
 
-        return {
-            "content": [
-                {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
-                for lp in lps
-            ]
-        }
+        def top(e: PositionLogprobs) -> list[dict]:
+            # The sampled token comes first; it is an extra entry when it is not among the top n.
+            items = list(e.items())
+            items = items[1:] if len(items) > n else sorted(items, key=lambda kv: kv[1].rank)
+            return [entry(k, x.logprob) for k, x in items]
 
-    def _logprobs(self, lps: list[TokenLogprob], c: _Choice, echoed: list | None = None) -> dict | None:
+        return {"content": [{**entry(t, e[t].logprob), "top_logprobs": top(e)} for t, e in lps]}
+
+    def _logprobs(self, lps: list[tuple[int, PositionLogprobs]], c: _Choice, echoed=None) -> dict | None:
         wanted = self.body.logprobs if self.chat else self.body.logprobs is not None
         if not wanted:
             return None
