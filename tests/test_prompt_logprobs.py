@@ -229,7 +229,9 @@ def test_outputs_have_vllms_logprob_shape_on_the_real_model(smollm2_none):
         assert all(x.decoded_token == tok.decode([k], skip_special_tokens=False) for k, x in lp.items())
         ranks.append(lp[t].rank)
     assert max(ranks) > 1  # at temperature 1.5 some sampled token is not the argmax
-    assert comp.cumulative_logprob == pytest.approx(sum(lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids)))
+    assert comp.cumulative_logprob == pytest.approx(
+        sum(lp[t].logprob for lp, t in zip(comp.logprobs, comp.token_ids, strict=True))
+    )
     plp = out.prompt_logprobs
     assert plp[0] is None and len(plp) == len(out.prompt_token_ids)
     for p in range(1, len(plp)):

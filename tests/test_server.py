@@ -461,7 +461,7 @@ def test_fuzzing_the_openapi_schema_finds_no_5xx(tiny_server):
 
 def test_fuzzing_chat_with_tools_and_content_parts(tiny_server):
     """The schema types tools and content parts; chat bodies made of little else (the whole-schema
-    run above sends them only now and then) get the 400 that names them, or an answer for text."""
+    run above sends them only now and then) get an answer, or a 400 that names the field."""
     import copy
 
     import schemathesis
@@ -482,7 +482,7 @@ def test_fuzzing_chat_with_tools_and_content_parts(tiny_server):
 
     tools = {"type": "array", "minItems": 1, "maxItems": 2, "items": {"$ref": "#/components/schemas/Tool"}}
     variants = {
-        "tools": body({"messages": messages("ChatMessage"), "tools": tools}),
+        "tools": body({"messages": messages("ChatMessage"), "tools": tools, "max_tokens": {"const": 2}}),
         "parts": body({"messages": messages("PartsMessage"), "max_tokens": {"const": 1}}),
     }
     outcomes: dict[str, list[int]] = {name: [] for name in variants}
@@ -497,8 +497,8 @@ def test_fuzzing_chat_with_tools_and_content_parts(tiny_server):
             assert r.status_code < 500, (case.body, r.text[:300])
             contents = [m.get("content") for m in case.body["messages"]]
             kinds = {p["type"] for c in contents if isinstance(c, list) for p in c}
-            if name == "tools":
-                assert r.status_code == 400 and "tools (function calling) are not supported" in r.text, r.text
+            if name == "tools" and r.status_code == 400:  # else answered: tools are served
+                assert r.json()["error"]["param"] in ("tools", "messages"), r.text
             elif kinds - {"text"}:
                 assert r.status_code == 400 and "only text content parts are supported" in r.text, r.text
 
@@ -512,7 +512,7 @@ def test_fuzzing_chat_with_tools_and_content_parts(tiny_server):
         (op,) = [r.ok() for r in schemathesis.openapi.from_dict(spec).get_all_operations()]
         fuzz(name, op)
     print({name: {code: codes.count(code) for code in set(codes)} for name, codes in outcomes.items()})
-    assert len(outcomes["tools"]) >= 10 and set(outcomes["tools"]) == {400}, outcomes
+    assert len(outcomes["tools"]) >= 10 and {200, 400} <= set(outcomes["tools"]), outcomes
     assert len(outcomes["parts"]) >= 10 and 400 in outcomes["parts"], outcomes
 
 

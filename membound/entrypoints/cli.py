@@ -163,6 +163,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         log_interval=a.log_interval,
         shutdown_timeout=a.shutdown_timeout,
         max_request_body_bytes=_mib_to_bytes(a.max_request_body_mb, "--max-request-body-mb"),
+        tool_call_parser=a.tool_call_parser,
     )
     return run(_engine_config(a), server)
 
@@ -403,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         help="request bodies larger than this many MiB are refused with 413 (default 4)",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=("auto", "hermes", "llama3_json", "mistral"),
+        default="auto",
+        help="how tool calls are read from the output with tool_choice auto: hermes (Qwen, and templates without "
+        "tools), llama3_json or mistral; auto picks the format the model's chat template writes (default)",
     )
     s.set_defaults(func=cmd_serve)
     pl = sub.add_parser(

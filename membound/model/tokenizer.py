@@ -59,8 +59,17 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         return self.encode_rendered(self.render_chat(messages, add_generation_prompt))
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The chat template's text for these messages (what `apply_chat_template` encodes)."""
+    @property
+    def chat_template(self) -> str | None:
+        t = self.hf.chat_template
+        return t if isinstance(t, str) else None
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+    ) -> str:
+        """The chat template's text for these messages (what `apply_chat_template` encodes); `tools`
+        (OpenAI's function definitions) go to templates that show them. Messages may carry tool turns'
+        fields (`tool_calls`, `tool_call_id`) beside their role and text."""
         if not messages:
             raise InvalidRequestError("messages must be a non-empty list of {role, content} objects")
         for i, m in enumerate(messages):
@@ -71,11 +80,14 @@ class Tokenizer:
         if not self.hf.chat_template:
             raise InvalidRequestError("this model has no chat template; use generate() with a plain prompt")
         try:
-            text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            text = self.hf.apply_chat_template(
+                messages, tools=tools or None, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         except Exception as e:  # jinja2 raises TemplateError for e.g. "roles must alternate"; templates raise others
             raise InvalidRequestError(
                 f"the model's chat template rejected these messages: {e}", param="messages"
             ) from e
+        check_text(text, "messages (with tools and tool calls, as rendered)")
         return text
 
     def encode_rendered(self, text: str) -> list[int]:

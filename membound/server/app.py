@@ -38,6 +38,7 @@ from membound.server.tokenize import (
     tokenize_job,
     tokenizer_info_job,
 )
+from membound.server.tools import PARSERS, pick_parser
 
 log = logging.getLogger("membound.server")
 
@@ -58,6 +59,7 @@ class ServerConfig:
     # (128k ids are ~1 MB of JSON); the cap bounds what parsing one body costs the event loop (JSON and
     # pydantic run there: ~0.5 s for 4 MiB of the most expensive shapes, nested empty lists).
     max_request_body_bytes: int = 4 << 20
+    tool_call_parser: str = "auto"  # auto: the format the chat template writes (server/tools.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -78,6 +80,10 @@ class ServerConfig:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1024:
             raise ConfigError(
                 f"max_request_body_bytes (--max-request-body-mb) must be an integer of at least 1024 bytes, got {b!r}"
+            )
+        if self.tool_call_parser not in ("auto", *PARSERS):
+            raise ConfigError(
+                f"tool_call_parser must be auto or one of {', '.join(PARSERS)}, got {self.tool_call_parser!r}"
             )
         self.served_model_names = tuple(self.served_model_names)
         if not all(isinstance(n, str) and n for n in self.served_model_names):
@@ -209,7 +215,13 @@ def build_app(
             raise EngineDeadError(engine.unavailable_message())
         if not contexts:
             e = engine.engine
-            contexts.append(ServingContext(engine, e.tokenizer, model_names, e.max_model_len, e.config.max_num_seqs))
+            template = e.tokenizer.chat_template if e.tokenizer is not None else None
+            contexts.append(
+                ServingContext(
+                    engine, e.tokenizer, model_names, e.max_model_len, e.config.max_num_seqs,
+                    pick_parser(template, server.tool_call_parser),
+                )
+            )  # fmt: skip
         return contexts[0]
 
     async def build(make_job, body):

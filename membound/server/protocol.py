@@ -29,6 +29,8 @@ from pydantic import (
 from membound.errors import InvalidRequestError
 from membound.sampling_params import MAX_LOGIT_BIAS, StructuredOutputsParams
 
+MAX_TOOLS = 128  # OpenAI's limit
+
 Number = StrictInt | float  # pydantic's float accepts ints; StrictInt keeps bools out of int fields
 
 
@@ -246,10 +248,24 @@ ContentPart = Annotated[
 ]
 
 
+class FunctionCall(_Part):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends JSON text; some clients an object
+
+
+class ToolCallMessage(_Part):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's past calls
+    tool_call_id: str | None = None  # a tool result: the call it answers
+    name: str | None = None
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -267,8 +283,12 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
+
+
 class FunctionDefinition(_Part):
-    name: str
+    # In the schema for clients and fuzzers; checked by `tools.checked_tools`, with a message that says it.
+    name: Annotated[str, Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN})]
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: StrictBool | None = None
@@ -294,17 +314,29 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
-    # Typed for the schema only: any tools are refused, whatever their shape.
-    tools: SkipValidation[list[Tool] | None] = None
-    tool_choice: SkipValidation[Literal["none", "auto", "required"] | NamedToolChoice | None] = None
+    tools: SkipValidation[list[Tool] | None] = None  # `checked_tools`, on the worker thread
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
     add_generation_prompt: StrictBool = True
+
+    def checked_tools(self) -> list[Tool]:
+        raw = self.tools
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or len(raw) > MAX_TOOLS:
+            raise InvalidRequestError(f"tools must be a list of at most {MAX_TOOLS} function tools", param="tools")
+        out = []
+        for i, t in enumerate(raw):
+            try:
+                out.append(Tool.model_validate(t))
+            except ValidationError as e:
+                raise InvalidRequestError(*validation_message(e.errors(), ("tools", i))) from None
+        return out
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools not in (None, []):
-            raise InvalidRequestError("tools (function calling) are not supported", param="tools")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise InvalidRequestError("tool_choice is not supported", param="tool_choice")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
 
@@ -328,9 +360,19 @@ class ChatCompletionRequest(_SamplingFields):
                         f"messages[{i}].content[{j}]: a text part needs a string 'text'", param="messages"
                     )
             try:
-                out.append(ChatMessage.model_validate(m))
+                msg = ChatMessage.model_validate(m)
             except ValidationError as e:
                 raise InvalidRequestError(*validation_message(e.errors(), ("messages", i))) from None
+            if msg.role == "tool" and not msg.tool_call_id:
+                raise InvalidRequestError(
+                    f"messages[{i}]: a tool message needs tool_call_id, the id of the call it answers",
+                    param="messages",
+                )
+            if msg.tool_calls and msg.role != "assistant":
+                raise InvalidRequestError(
+                    f"messages[{i}]: only assistant messages carry tool_calls, not {msg.role}", param="messages"
+                )
+            out.append(msg)
         return out
 
 
@@ -339,12 +381,20 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | i
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Checked messages as the chat template takes them. "developer" is OpenAI's newer name for
     "system"; chat templates know only the latter."""
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)} for i, m in enumerate(messages)
-    ]
+    out = []
+    for i, m in enumerate(messages):
+        d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+        if m.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.role == "tool":
+            d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+        out.append(d)
+    return out
 
 
 def kept_texts(raw: list) -> list[str]:

@@ -21,6 +21,7 @@ from membound.errors import EngineDeadError, InvalidRequestError, MemboundError,
 from membound.model.tokenizer import Tokenizer
 from membound.outputs import PositionLogprobs, RequestOutput
 from membound.sampling_params import RequestOutputKind, SamplingParams
+from membound.server import tools
 from membound.server.async_engine import AsyncEngine, OutputStream, SubRequest
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, kept_texts, template_messages
 
@@ -37,6 +38,7 @@ class ServingContext:
     model_names: tuple[str, ...]  # the first is reported in responses
     max_model_len: int
     max_num_seqs: int
+    tool_parser: str = "hermes"  # how tool calls are read from outputs (server/tools.py)
 
     @functools.cached_property
     def longest_token_bytes(self) -> int:
@@ -71,6 +73,8 @@ class _Choice:
     text_offset: int = 0  # completions' logprobs report each token's offset into the text
     sent_role: bool = False
     echoed: list | None = None  # echo: the prompt's (token id, its entry | None), once it ran
+    tool_stream: tools.StreamParser | None = None  # tool_choice auto: content until a call begins
+    sent_calls: int = 0  # a named tool choice: its call's id and name went out
 
 
 class _Job:
@@ -98,10 +102,14 @@ class _Job:
         self.score_only = self.echo and self.max_tokens == 0
         if self.score_only:
             self.max_tokens = 1
+        self.tools: list[dict] = []
+        self.tool_choice: str | dict = "none"
+        if chat:
+            self.tools, self.tool_choice = tools.checked_tools(body.checked_tools(), body.tool_choice)
         base = self._params(self.max_tokens)  # validates ranges before any length arithmetic
         if chat:
             self._check_chat_cheaply(body.messages)  # before 100k messages are validated one by one
-            raw = [template_messages(body.checked_messages())]
+            raw = [body.checked_messages()]
         else:
             raw = body.checked_prompts()
         # Refused before any tokenizing: a list of 100k prompts costs a len() here.
@@ -130,6 +138,9 @@ class _Job:
                 grammar = ctx.engine.engine.compile_grammar(spec) if (spec := base.structured_outputs) else None
                 self.subs.append(SubRequest(f"{self.id}-{p_idx}-{i}", ids, params, self.arrival, grammar))
         self.choices = {s.request_id: _Choice(k // body.n) for k, s in enumerate(self.subs)}
+        if self.parses_tools:
+            for c in self.choices.values():
+                c.tool_stream = tools.StreamParser(ctx.tool_parser)
         self.index = {s.request_id: k for k, s in enumerate(self.subs)}
 
     # ------------------------------------------------------------------ input
@@ -170,10 +181,20 @@ class _Job:
             return raw
         return "" if self.ctx.tokenizer is None else self.ctx.tokenizer.decode(ids, skip_special_tokens=False)
 
+    @property
+    def parses_tools(self) -> bool:
+        """tool_choice auto with tools: calls are read from the output text."""
+        return bool(self.tools) and self.tool_choice == "auto"
+
+    @property
+    def forces_tools(self) -> bool:
+        """tool_choice required or a named function: the output is the calls, by grammar."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+
     def _tokenize(self, x: str | list) -> list[int]:
         if self.chat:
             tok = self._tokenizer()
-            text = tok.render_chat(x, add_generation_prompt=self.body.add_generation_prompt)
+            text = render_conversation(tok, x, self.tools, self.body.add_generation_prompt)
             self._check_text_bound([text])  # assistant turns too, as the template kept them
             return tok.encode_rendered(text)
         if isinstance(x, list):
@@ -211,10 +232,32 @@ class _Job:
             # echo + logprobs: the prompt's tokens are reported too, scored by the model.
             prompt_logprobs=logprobs if self.echo and logprobs is not None else None,
             logit_bias=b.checked_logit_bias(),
-            structured_outputs=b.checked_structured_outputs(),
-            skip_special_tokens=b.skip_special_tokens,
+            structured_outputs=self._structured_outputs(),
+            skip_special_tokens=self._skip_special_tokens(),
             output_kind=RequestOutputKind.DELTA,  # streams and full responses both add up deltas
         )
+
+    def _structured_outputs(self):
+        asked = self.body.checked_structured_outputs()
+        if not self.forces_tools:
+            return asked
+        if asked is not None:
+            raise InvalidRequestError(
+                "tool_choice required or a named function constrains the output already; "
+                "give response_format / structured_outputs only with tool_choice auto or none",
+                param="tool_choice",
+            )
+        return tools.forced_output(self.tools, self.tool_choice, self.body.parallel_tool_calls)
+
+    def _skip_special_tokens(self) -> bool:
+        # A call's marker may be a special token (Llama 3's <|python_tag|>, Mistral's [TOOL_CALLS]):
+        # the parser must see it in the text.
+        tok = self.ctx.tokenizer
+        if self.parses_tools and tok is not None:
+            special = set(tok.hf.all_special_tokens)
+            if any(m in special for m in tools.markers(self.ctx.tool_parser)):
+                return False
+        return self.body.skip_special_tokens
 
     def _check_length(self, n: int, bound: str | None = None) -> int:
         """max_tokens for a prompt of `n` tokens; `bound` says why, when `n` is only a lower bound."""
@@ -316,6 +359,28 @@ class _Job:
             return None
         return self._chat_logprobs(lps) if self.chat else self._completion_logprobs(lps, c, echoed)
 
+    def _calls(self, c: _Choice, text: str) -> tuple[str | None, list[tools.ToolCall]]:
+        """(content, tool calls) of a finished choice's text."""
+        if self.forces_tools:
+            return None, tools.forced_calls(text, self.tool_choice)
+        if self.parses_tools:
+            return tools.parse(self.ctx.tool_parser, text)
+        return text, []
+
+    def _tool_finish_reason(self, c: _Choice, calls: list) -> str | None:
+        # OpenAI: "tool_calls" when the model chose to call; a forced named function ends with "stop".
+        if calls and c.finish_reason == "stop" and not isinstance(self.tool_choice, dict):
+            return "tool_calls"
+        return c.finish_reason
+
+    def _message(self, c: _Choice) -> dict:
+        content, calls = self._calls(c, "".join(c.pieces))
+        msg: dict = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = [t.as_message() for t in calls]
+            c.finish_reason = self._tool_finish_reason(c, calls)
+        return msg
+
     async def full_response(self, outputs: OutputStream) -> dict:
         async for out in outputs:
             self._update(out)
@@ -327,7 +392,7 @@ class _Job:
         for rid, c in self.choices.items():
             choice: dict = {"index": self.index[rid], "logprobs": self._logprobs(c.logprobs, c, c.echoed)}
             if self.chat:
-                choice["message"] = {"role": "assistant", "content": "".join(c.pieces)}
+                choice["message"] = self._message(c)
             else:
                 prefix = self.prompt_texts[c.prompt_index] if self.echo else ""
                 choice["text"] = prefix + "".join(c.pieces)
@@ -342,6 +407,40 @@ class _Job:
             "choices": choices,
             "usage": self.usage(),
         }
+
+    def _delta(self, c: _Choice, text: str) -> dict:
+        """A chat chunk's delta: content, or with tools the content before calls and the calls (each
+        as its id and name, then its arguments: named choices stream them as they are generated)."""
+        if isinstance(self.tool_choice, dict):  # the output is the arguments: streamed as they come
+            calls = []
+            if not c.sent_calls:
+                c.sent_calls = 1
+                calls.append(_call_head(0, tools.ToolCall(self.tool_choice["name"], "")))
+            if text:
+                calls.append({"index": 0, "function": {"arguments": text}})
+            return {"tool_calls": calls} if calls else {}
+        if self.forces_tools:
+            if not c.finish_reason:
+                return {}  # required: a JSON list of calls, sent once complete
+            found = tools.forced_calls("".join(c.pieces), self.tool_choice)
+            c.finish_reason = self._tool_finish_reason(c, found)
+            return _calls_delta(found, 0) if found else {}
+        if not self.parses_tools:
+            return {"content": text} if text else {}
+        ts = c.tool_stream
+        assert ts is not None
+        out = ts.feed(text)
+        calls: list = []
+        if c.finish_reason:
+            rest, calls = ts.finish()
+            out += rest
+            c.finish_reason = self._tool_finish_reason(c, calls)
+        d: dict = {}
+        if out:
+            d["content"] = out
+        if calls:
+            d.update(_calls_delta(calls, 0))
+        return d
 
     def _chunk(self, choices: list[dict], usage: dict | None = None, with_usage: bool = False) -> str:
         body: dict = {
@@ -375,7 +474,7 @@ class _Job:
                     continue  # text held back (a possible stop string or a split character)
                 choice: dict = {"index": index, "logprobs": self._logprobs(lps, c)}
                 if self.chat:
-                    choice["delta"] = {"content": delta} if delta else {}
+                    choice["delta"] = self._delta(c, delta)
                 else:
                     choice["text"] = delta
                 choice["finish_reason"] = c.finish_reason
@@ -391,6 +490,25 @@ class _Job:
             if include_usage:
                 yield self._chunk([], self.usage(), with_usage=True)
         yield "data: [DONE]\n\n"
+
+
+def render_conversation(tok: Tokenizer, messages: list, tool_defs: list[dict], add_generation_prompt: bool) -> str:
+    """Checked messages (and tools) as the model's chat template writes them; a template that does
+    not show tools gets them, and the conversation's tool turns, in the Hermes format."""
+    native = tools.template_knows_tools(tok.chat_template)
+    rendered = tools.render_messages(template_messages(messages), tool_defs, native)
+    return tok.render_chat(rendered, add_generation_prompt, tools=tool_defs if native else None)
+
+
+def _call_head(index: int, call: tools.ToolCall) -> dict:
+    return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+
+
+def _calls_delta(calls: list[tools.ToolCall], start: int) -> dict:
+    out = []
+    for i, call in enumerate(calls, start):
+        out += [_call_head(i, call), {"index": i, "function": {"arguments": call.arguments}}]
+    return {"tool_calls": out}
 
 
 def completion_job(ctx: ServingContext, body: CompletionRequest) -> _Job:

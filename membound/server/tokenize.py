@@ -26,8 +26,9 @@ from pydantic import SkipValidation, StrictBool, StrictInt, StrictStr
 
 from membound.errors import InvalidRequestError
 from membound.model.tokenizer import Tokenizer
-from membound.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody, kept_texts, template_messages
-from membound.server.serving import ServingContext
+from membound.server import tools
+from membound.server.protocol import ChatCompletionRequest, ChatMessage, RequestBody, kept_texts
+from membound.server.serving import ServingContext, render_conversation
 
 MAX_MODEL_LEN_FACTOR = 8  # /tokenize and /detokenize take up to this many times max_model_len tokens
 
@@ -47,7 +48,7 @@ class TokenizeRequest(_Body):
     # vLLM's chat options, accepted at their neutral value only (never ignored).
     continue_final_message: StrictBool = False
     chat_template: StrictStr | None = None
-    tools: SkipValidation[list[dict[str, Any]] | None] = None
+    tools: SkipValidation[list[dict[str, Any]] | None] = None  # counted as the chat route renders them
 
 
 class DetokenizeRequest(_Body):
@@ -149,8 +150,6 @@ def _tokenize_chat(ctx: ServingContext, tok: Tokenizer, body: TokenizeRequest) -
             "chat_template is not supported: messages are rendered with the model's own template",
             param="chat_template",
         )
-    if body.tools not in (None, []):
-        raise InvalidRequestError("tools are not supported by /tokenize", param="tools")
     raw = body.messages
     if isinstance(raw, list):
         # Cheap bounds before the messages are validated one by one, as the chat route's: every message
@@ -158,9 +157,9 @@ def _tokenize_chat(ctx: ServingContext, tok: Tokenizer, body: TokenizeRequest) -
         _check_count(ctx, len(raw), "messages", f"{len(raw)} messages, each at least one")
         _check_text_bound(ctx, kept_texts(raw), "messages")
     # The chat route's validation and conversion (`_Job._messages`), so both count the same tokens.
-    checked = ChatCompletionRequest.model_construct(messages=raw).checked_messages()
-    messages = template_messages(checked)
-    text = tok.render_chat(messages, add_generation_prompt=body.add_generation_prompt)
+    chat = ChatCompletionRequest.model_construct(messages=raw, tools=body.tools)
+    tool_defs, _ = tools.checked_tools(chat.checked_tools(), None)
+    text = render_conversation(tok, chat.checked_messages(), tool_defs, body.add_generation_prompt)
     _check_text_bound(ctx, [text], "messages")  # assistant turns too, as the template kept them
     if body.add_special_tokens:  # on top of what the template holds, as vLLM does
         ids = tok.encode(text, "messages", add_special_tokens=True)
