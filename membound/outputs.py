@@ -57,13 +57,8 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None  # one per token in token_ids, when asked for
     finish_reason: str | None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
-
-    @property
-    def cumulative_logprob(self) -> float | None:
-        """The sum of the sampled tokens' logprobs (None when logprobs were not asked for)."""
-        if self.logprobs is None:
-            return None
-        return sum(lp[t].logprob for lp, t in zip(self.logprobs, self.token_ids, strict=True))
+    # The sum of every sampled token's logprob so far (deltas too), when logprobs were asked for.
+    cumulative_logprob: float | None = None
 
 
 @dataclasses.dataclass(slots=True)

@@ -68,6 +68,9 @@ def test_greedy_takes_argmax_and_logprobs_are_raw():
     lp = logits.log_softmax(-1)
     assert out.logprobs == pytest.approx([lp[0, 1].item(), lp[1, 0].item()])
     assert out.ranks == [1, 1]
+    # A tie: tokens as likely as the sampled one count ahead of it (vLLM's ranks).
+    tied = sample(torch.tensor([[2.0, 2.0, 0.0]]), batch([SamplingParams(temperature=0, logprobs=1)], vocab=3), None)
+    assert tied.ranks == [2]
     assert out.top_ids[0] == [1, 2]
     assert out.top_logprobs[0] == pytest.approx([lp[0, 1].item(), lp[0, 2].item()])
 

@@ -83,10 +83,24 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris? And book 
         ("llama3_json", '{"name": "f", "parameters": {}} and then text', None, []),
         ("mistral", 'ok [TOOL_CALLS][{"name": "f", "arguments": {"q": "x"}}]', "ok ", [("f", {"q": "x"})]),
         ("mistral", '[TOOL_CALLS]f[ARGS]{"q": 1}[TOOL_CALLS]g[ARGS]{}', None, [("f", {"q": 1}), ("g", {})]),
+        ("mistral", "[TOOL_CALLS]Sure, here you go: [ARGS]{}", None, []),  # not a function of ours
+        ("mistral", "[TOOL_CALLS]no args marker", None, []),
+        (
+            "hermes",
+            'A <tool_call>{"name": "f", "arguments": {}}</tool_call> B\n<tool_call>{"name": "g", "arguments": "{}"}'
+            "</tool_call>\nC",
+            "A  BC",  # the text around calls stays
+            [("f", {}), ("g", {})],
+        ),
+        ("hermes", '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>', None, []),
+        ("hermes", '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', None, []),
+        ("hermes", '<tool_call>{"name": "Alice", "arguments": {}}</tool_call>', None, []),  # unknown name
+        ("llama3_json", '{"name": "Alice", "age": 30}', None, []),  # a JSON answer, not a call
+        ("hermes", "<tool_call>" + "[" * 5000, None, []),  # deeper than Python's JSON decoder goes
     ],
 )
 def test_parsers_read_each_familys_format_and_leave_malformed_calls_as_text(parser, text, content, calls):
-    got_content, got = tools.parse(parser, text)
+    got_content, got = tools.parse(parser, text, frozenset({"f", "g"}))
     if not calls:  # nothing parsed: the whole text is content, nothing dropped
         assert got == [] and got_content == text
         return
@@ -96,7 +110,7 @@ def test_parsers_read_each_familys_format_and_leave_malformed_calls_as_text(pars
 
 
 def _stream(parser: str, text: str, cuts: list[int]) -> tuple[str, list]:
-    sp = tools.StreamParser(parser)
+    sp = tools.StreamParser(parser, frozenset({"f"}))
     out, last = "", 0
     for c in sorted(cuts) + [len(text)]:
         out += sp.feed(text[last:c])
@@ -114,19 +128,19 @@ def _stream(parser: str, text: str, cuts: list[int]) -> tuple[str, list]:
 )
 def test_streamed_content_and_calls_add_up_to_the_whole_output(parser, prefix, with_call, cuts):
     call = {
-        "hermes": '<tool_call>\n{"name": "f", "arguments": {"a": "<tool"}}\n</tool_call>',
+        "hermes": '<tool_call>\n{"name": "f", "arguments": {"a": "<tool"}}\n</tool_call>\nafter',
         "llama3_json": '<|python_tag|>{"name": "f", "parameters": {"a": "<tool"}}',
         "mistral": '[TOOL_CALLS][{"name": "f", "arguments": {"a": "<tool"}}]',
     }[parser]
     text = (prefix if parser != "llama3_json" or not with_call else "") + (call if with_call else "")
-    content, calls = tools.parse(parser, text)
+    content, calls = tools.parse(parser, text, frozenset({"f"}))
     streamed, scalls = _stream(parser, text, [c for c in cuts if c <= len(text)])
     assert streamed == (content or "" if calls else text)
     assert [(c.name, c.arguments) for c in scalls] == [(c.name, c.arguments) for c in calls]
 
 
 def test_stream_parser_holds_back_only_what_may_start_a_call():
-    sp = tools.StreamParser("hermes")
+    sp = tools.StreamParser("hermes", frozenset({"f"}))
     assert sp.feed("Hello <tool") == "Hello "  # "<tool" may begin "<tool_call>"
     assert sp.feed("s are useful") == "<tools are useful"  # it did not
     assert sp.feed(' <tool_call>{"name": "f", "arguments": {}}') == " "
@@ -216,6 +230,8 @@ def test_the_parser_follows_the_template(template, parser):
         ([WEATHER, WEATHER], None, "defined twice"),
         ([{"type": "function", "function": {"name": "has space"}}], None, "letters, digits"),
         ([], "required", "needs tools"),
+        ([], "auto", "needs tools"),
+        ([{"type": "function", "function": {"name": "say", "parameters": {"type": "string"}}}], None, "of an object"),
     ],
 )
 def test_inconsistent_tools_are_refused_by_name(tool_list, choice, needle):
@@ -256,6 +272,8 @@ def _chat_stream(server, **body) -> tuple[str | None, list[dict], str]:
             d = choice["delta"]
             if d.get("content"):
                 content = (content or "") + d["content"]
+            indexes = [tc["index"] for tc in d.get("tool_calls", [])]
+            assert len(indexes) == len(set(indexes)), d  # SDKs merge entries by index across chunks only
             for tc in d.get("tool_calls", []):
                 c = calls.setdefault(tc["index"], {"arguments": ""})
                 c.update({k: tc[k] for k in ("id", "type") if k in tc})
@@ -311,10 +329,8 @@ def test_required_calls_known_functions_with_valid_arguments(server, parallel):
 def test_auto_answers_in_text_when_the_model_does_and_parses_calls_when_it_calls(server):
     hi = [{"role": "user", "content": "Say hello."}]
     out = _chat(server, messages=hi, tools=TOOLS, temperature=0)["choices"][0]
-    plain = _chat(server, messages=hi, temperature=0, max_tokens=120)["choices"][0]
     assert out["finish_reason"] == "stop" and "tool_calls" not in out["message"]
     assert out["message"]["content"] and "<tool_call>" not in out["message"]["content"]
-    assert plain["message"]["content"]  # (the preamble changes the prompt: the texts may differ)
     # The model calling (steered into the Hermes format by a regex, as a model trained on it writes):
     # the call is read out of the text, content before it kept.
     regex = (
@@ -334,6 +350,48 @@ def test_auto_answers_in_text_when_the_model_does_and_parses_calls_when_it_calls
     # tool_choice none: the same steered text stays text
     out = _chat(server, **body, tool_choice="none")["choices"][0]
     assert out["finish_reason"] == "stop" and "<tool_call>" in out["message"]["content"]
+
+
+@pytest.mark.slow
+def test_required_keeps_each_functions_defs_reachable(server):
+    """Pydantic writes nested models as "$defs" + "$ref": they must resolve once the schema is inside
+    required's list (and clashing definitions are refused by name)."""
+    when = {"type": "object", "properties": {"day": {"type": "string", "maxLength": 12}}, "required": ["day"]}
+    book = {
+        "type": "function",
+        "function": {
+            "name": "book",
+            "parameters": {
+                "type": "object",
+                "properties": {"when": {"$ref": "#/$defs/When"}},
+                "required": ["when"],
+                "$defs": {"When": when},
+            },
+        },
+    }
+    out = _chat(server, tools=[book, WEATHER], tool_choice="required", temperature=0, max_tokens=300)
+    for c in out["choices"][0]["message"]["tool_calls"]:
+        schema = {**book["function"]["parameters"]} if c["function"]["name"] == "book" else SCHEMAS["get_weather"]
+        jsonschema.validate(json.loads(c["function"]["arguments"]), schema)
+    other = json.loads(json.dumps(book))
+    other["function"]["name"] = "book2"
+    other["function"]["parameters"]["$defs"]["When"] = {"type": "string"}
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": ASK, "tools": [book, other], "tool_choice": "required", "max_tokens": 4},
+        timeout=60,
+    )
+    assert r.status_code == 400 and "define $defs 'When' differently" in r.text, r.text
+
+
+@pytest.mark.slow
+def test_text_after_a_call_stays_content_streamed_or_not(server):
+    regex = r'<tool_call>\n\{"name": "ping", "arguments": \{\}\}\n</tool_call>\nDone, I asked\.'
+    body = {"tools": TOOLS, "temperature": 0, "structured_outputs": {"regex": regex}}
+    out = _chat(server, **body)["choices"][0]
+    assert out["message"]["content"] == "Done, I asked." and out["finish_reason"] == "tool_calls"
+    content, calls, _ = _chat_stream(server, **body)
+    assert content == "Done, I asked." and [c["name"] for c in calls] == ["ping"]
 
 
 @pytest.mark.slow
@@ -363,7 +421,12 @@ def test_a_conversation_with_tool_turns_is_answered_and_tokenize_counts_it_the_s
         ({"messages": [{"role": "user", "content": "x", "tool_calls": CONV[1]["tool_calls"]}]}, "only assistant"),
         (
             {
-                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "f", "parameters": {"properties": {"a": {"type": "nonsense"}}}},
+                    }
+                ],
                 "tool_choice": "required",
             },
             "could not be compiled",
@@ -374,6 +437,7 @@ def test_bad_tool_requests_are_400s_naming_the_problem(server, body, needle):
     r = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": ASK, "max_tokens": 4, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert needle in r.json()["error"]["message"], r.json()
+    assert r.json()["error"]["param"] in ("tools", "tool_choice", "messages")  # what the client sent
 
 
 class Booking(pydantic.BaseModel):
@@ -403,6 +467,11 @@ def test_the_openai_sdk_parses_a_forced_pydantic_tool_and_accumulates_a_stream(s
     assert [len(c.message.tool_calls) >= 1 for c in out.choices] == [True, True]
 
 
+def test_special_tokens_are_told_apart_from_plain_added_ones(tok):
+    assert tok.is_special_token("<|im_end|>") and tok.is_special_token("<repo_name>")  # decode drops both
+    assert not tok.is_special_token("<tool_call>")  # not in SmolLM2's vocabulary: plain text
+
+
 def test_a_required_list_cut_short_keeps_the_calls_it_completed():
     text = '[{"name": "a", "parameters": {}}, {"name": "b", "parameters": {"x": [1, 2]}}, {"name": "c", "param'
     assert [(c.name, c.arguments) for c in tools.forced_calls(text, "required")] == [
@@ -410,4 +479,6 @@ def test_a_required_list_cut_short_keeps_the_calls_it_completed():
         ("b", '{"x": [1, 2]}'),
     ]
     assert tools.forced_calls('[{"name', "required") == []
+    spaced = ' [ {"name":"a","parameters":{}} ,\n{"name": "b", "parameters": {}} ]'
+    assert [c.name for c in tools.forced_calls(spaced, "required")] == ["a", "b"]  # any separator
     assert tools.forced_calls('{"x": 1', {"name": "f"})[0].arguments == '{"x": 1'  # named: the text as generated

@@ -24,6 +24,7 @@ def append_token(req: Request, token_id: int, logprob: PositionLogprobs | None) 
     req.token_ids.append(token_id)
     if req.logprobs is not None and logprob is not None:
         req.logprobs.append(logprob)
+        req.cumulative_logprob += logprob[token_id].logprob
     n = req.num_output_tokens
     # The sampler bans EOS and stop tokens until min_tokens, so these only fire past it.
     if token_id in req.eos_token_ids or token_id in req.params.stop_token_ids:
@@ -86,12 +87,13 @@ def make_output(req: Request, force: bool = False) -> RequestOutput | None:
     delta_ids = req.token_ids[len(req.prompt_token_ids) + req.emitted_tokens :]
     delta_logprobs = None if req.logprobs is None else req.logprobs[req.emitted_tokens :]
     req.emitted_tokens += len(delta_ids)
+    cum = None if req.logprobs is None else req.cumulative_logprob
     if kind is RequestOutputKind.DELTA:
-        comp = CompletionOutput(0, delta_text, delta_ids, delta_logprobs, req.finish_reason, req.stop_reason)
+        comp = CompletionOutput(0, delta_text, delta_ids, delta_logprobs, req.finish_reason, req.stop_reason, cum)
     else:
         # Copies, not the live lists: outputs may be read on another thread while the engine goes on.
         logprobs = None if req.logprobs is None else list(req.logprobs)
-        comp = CompletionOutput(0, req.text, req.output_token_ids, logprobs, req.finish_reason, req.stop_reason)
+        comp = CompletionOutput(0, req.text, req.output_token_ids, logprobs, req.finish_reason, req.stop_reason, cum)
     prompt_lp = None if req.prompt_logprobs is None else list(req.prompt_logprobs)
     return RequestOutput(
         req.request_id, req.prompt, req.prompt_token_ids, [comp], finished, req.metrics,

@@ -54,6 +54,7 @@ class Request:
         "emitted_chars",
         "emitted_tokens",
         "logprobs",
+        "cumulative_logprob",
         "prompt_logprobs",
         "finish_reason",
         "stop_reason",
@@ -99,6 +100,7 @@ class Request:
         self.emitted_chars = 0  # how much of `text` step outputs have shown
         self.emitted_tokens = 0  # how many output tokens step outputs have shown
         self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0  # of the sampled tokens, with logprobs
         # Entry j: prompt token j's logprob; the first token has none (nothing precedes it).
         self.prompt_logprobs: list[PositionLogprobs | None] | None = (
             [None] if params.prompt_logprobs is not None else None

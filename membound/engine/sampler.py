@@ -220,7 +220,7 @@ def score_tokens(
     raw = logits if normalized else logits.float().log_softmax(dim=-1)
     top = raw.topk(k, dim=-1) if k else None
     chosen = raw.gather(1, targets[:, None])[:, 0]
-    rank = (raw > chosen[:, None]).sum(dim=-1) + 1  # ties share the better rank, as vLLM counts
+    rank = (raw >= chosen[:, None]).sum(dim=-1)  # tied tokens count ahead of it, as vLLM ranks
     empty = raw.new_zeros(raw.shape[0], 0)
     return chosen, rank, (top.values if top else empty), (top.indices if top else empty.long())
 

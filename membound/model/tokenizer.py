@@ -23,6 +23,7 @@ class Tokenizer:
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf = hf_tokenizer
         self.backend = hf_tokenizer.backend_tokenizer  # the Rust `tokenizers.Tokenizer`
+        self._texts: dict[int, str] = {}  # token_text's cache
 
     @classmethod
     def from_model_path(cls, path: str) -> Tokenizer:
@@ -110,8 +111,15 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """One token's text on its own; a token holding part of a UTF-8 character shows U+FFFD
-        (its `token_bytes` stay exact)."""
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+        (its `token_bytes` stay exact). Cached: logprobs ask for k + 1 of them per row and step."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.token_bytes(token_id).decode("utf-8", errors="replace")
+        return text
+
+    def is_special_token(self, text: str) -> bool:
+        """Whether `text` is an added token that decoding with skip_special_tokens drops."""
+        return any(t.content == text and t.special for t in self.hf.added_tokens_decoder.values())
 
     @property
     def _byte_decoder(self) -> dict[str, int] | None:

@@ -335,8 +335,6 @@ class ChatCompletionRequest(_SamplingFields):
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tool_choice not in (None, "none") and not self.tools:
-            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs to be true", param="top_logprobs")
 

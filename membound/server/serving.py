@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from membound.errors import EngineDeadError, InvalidRequestError, MemboundError, RequestFailedError
 from membound.model.tokenizer import Tokenizer
-from membound.outputs import PositionLogprobs, RequestOutput
+from membound.outputs import Logprob, PositionLogprobs, RequestOutput
 from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server import tools
 from membound.server.async_engine import AsyncEngine, OutputStream, SubRequest
@@ -135,12 +135,12 @@ class _Job:
                 params = dataclasses.replace(base, max_tokens=max_tokens, seed=seed)
                 # Compiled here, on a job thread (xgrammar releases the GIL): a schema that takes
                 # seconds to compile never stalls the engine thread, and a bad one is a 400 now.
-                grammar = ctx.engine.engine.compile_grammar(spec) if (spec := base.structured_outputs) else None
+                grammar = self._compile(base.structured_outputs) if base.structured_outputs else None
                 self.subs.append(SubRequest(f"{self.id}-{p_idx}-{i}", ids, params, self.arrival, grammar))
         self.choices = {s.request_id: _Choice(k // body.n) for k, s in enumerate(self.subs)}
         if self.parses_tools:
             for c in self.choices.values():
-                c.tool_stream = tools.StreamParser(ctx.tool_parser)
+                c.tool_stream = tools.StreamParser(ctx.tool_parser, self.tool_names)
         self.index = {s.request_id: k for k, s in enumerate(self.subs)}
 
     # ------------------------------------------------------------------ input
@@ -185,6 +185,10 @@ class _Job:
     def parses_tools(self) -> bool:
         """tool_choice auto with tools: calls are read from the output text."""
         return bool(self.tools) and self.tool_choice == "auto"
+
+    @property
+    def tool_names(self) -> frozenset[str]:
+        return frozenset(t["function"]["name"] for t in self.tools)
 
     @property
     def forces_tools(self) -> bool:
@@ -237,6 +241,15 @@ class _Job:
             output_kind=RequestOutputKind.DELTA,  # streams and full responses both add up deltas
         )
 
+    def _compile(self, spec):
+        try:
+            return self.ctx.engine.engine.compile_grammar(spec)
+        except InvalidRequestError as e:
+            if not self.forces_tools:
+                raise
+            # The grammar came from the tools' parameters: say so, not a field the client never sent.
+            raise InvalidRequestError(f"tools: the functions' parameters schema: {e}", param="tools") from None
+
     def _structured_outputs(self):
         asked = self.body.checked_structured_outputs()
         if not self.forces_tools:
@@ -253,10 +266,12 @@ class _Job:
         # A call's marker may be a special token (Llama 3's <|python_tag|>, Mistral's [TOOL_CALLS]):
         # the parser must see it in the text.
         tok = self.ctx.tokenizer
-        if self.parses_tools and tok is not None:
-            special = set(tok.hf.all_special_tokens)
-            if any(m in special for m in tools.markers(self.ctx.tool_parser)):
-                return False
+        if (
+            self.parses_tools
+            and tok is not None
+            and any(map(tok.is_special_token, tools.markers(self.ctx.tool_parser)))
+        ):
+            return False
         return self.body.skip_special_tokens
 
     def _check_length(self, n: int, bound: str | None = None) -> int:
@@ -314,7 +329,9 @@ class _Job:
         tok = self.ctx.tokenizer
         return str(token_id).encode() if tok is None else tok.token_bytes(token_id)
 
-    def _token_text(self, token_id: int) -> str:
+    def _token_text(self, token_id: int, entry: Logprob | None = None) -> str:
+        if entry is not None and entry.decoded_token is not None:
+            return entry.decoded_token  # the engine's, from the same `Tokenizer.token_text`
         tok = self.ctx.tokenizer
         return str(token_id) if tok is None else tok.token_text(token_id)
 
@@ -323,8 +340,8 @@ class _Job:
         top_logprobs holds the token itself and the top alternatives, as vLLM returns them."""
         items = list(echoed or []) + lps
         tokens, offsets = [], []
-        for t, _ in items:
-            s = self._token_text(t)
+        for t, e in items:
+            s = self._token_text(t, None if e is None else e[t])
             tokens.append(s)
             offsets.append(c.text_offset)
             c.text_offset += len(s)
@@ -332,7 +349,7 @@ class _Job:
             "tokens": tokens,
             "token_logprobs": [None if e is None else max(e[t].logprob, _MIN_LOGPROB) for t, e in items],
             "top_logprobs": [
-                None if e is None else {self._token_text(k): max(x.logprob, _MIN_LOGPROB) for k, x in e.items()}
+                None if e is None else {self._token_text(k, x): max(x.logprob, _MIN_LOGPROB) for k, x in e.items()}
                 for _, e in items
             ],
             "text_offset": offsets,
@@ -341,17 +358,17 @@ class _Job:
     def _chat_logprobs(self, lps: list[tuple[int, PositionLogprobs]]) -> dict:
         n = self.body.top_logprobs or 0
 
-        def entry(token_id: int, logprob: float) -> dict:
-            s = self._token_text(token_id)
-            return {"token": s, "logprob": max(logprob, _MIN_LOGPROB), "bytes": list(self._token_bytes(token_id))}
+        def entry(token_id: int, x: Logprob) -> dict:
+            s = self._token_text(token_id, x)
+            return {"token": s, "logprob": max(x.logprob, _MIN_LOGPROB), "bytes": list(self._token_bytes(token_id))}
 
         def top(e: PositionLogprobs) -> list[dict]:
             # The sampled token comes first; it is an extra entry when it is not among the top n.
             items = list(e.items())
             items = items[1:] if len(items) > n else sorted(items, key=lambda kv: kv[1].rank)
-            return [entry(k, x.logprob) for k, x in items]
+            return [entry(k, x) for k, x in items]
 
-        return {"content": [{**entry(t, e[t].logprob), "top_logprobs": top(e)} for t, e in lps]}
+        return {"content": [{**entry(t, e[t]), "top_logprobs": top(e)} for t, e in lps]}
 
     def _logprobs(self, lps: list[tuple[int, PositionLogprobs]], c: _Choice, echoed=None) -> dict | None:
         wanted = self.body.logprobs if self.chat else self.body.logprobs is not None
@@ -364,7 +381,7 @@ class _Job:
         if self.forces_tools:
             return None, tools.forced_calls(text, self.tool_choice)
         if self.parses_tools:
-            return tools.parse(self.ctx.tool_parser, text)
+            return tools.parse(self.ctx.tool_parser, text, self.tool_names)
         return text, []
 
     def _tool_finish_reason(self, c: _Choice, calls: list) -> str | None:
@@ -412,13 +429,11 @@ class _Job:
         """A chat chunk's delta: content, or with tools the content before calls and the calls (each
         as its id and name, then its arguments: named choices stream them as they are generated)."""
         if isinstance(self.tool_choice, dict):  # the output is the arguments: streamed as they come
-            calls = []
+            # One entry per call in a chunk (SDKs merge entries by index across chunks, not within one).
             if not c.sent_calls:
                 c.sent_calls = 1
-                calls.append(_call_head(0, tools.ToolCall(self.tool_choice["name"], "")))
-            if text:
-                calls.append({"index": 0, "function": {"arguments": text}})
-            return {"tool_calls": calls} if calls else {}
+                return {"tool_calls": [_call_entry(0, tools.ToolCall(self.tool_choice["name"], text))]}
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
         if self.forces_tools:
             if not c.finish_reason:
                 return {}  # required: a JSON list of calls, sent once complete
@@ -500,15 +515,12 @@ def render_conversation(tok: Tokenizer, messages: list, tool_defs: list[dict], a
     return tok.render_chat(rendered, add_generation_prompt, tools=tool_defs if native else None)
 
 
-def _call_head(index: int, call: tools.ToolCall) -> dict:
-    return {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+def _call_entry(index: int, call: tools.ToolCall) -> dict:
+    return {"index": index, "id": call.id, "type": "function", "function": call.as_message()["function"]}
 
 
 def _calls_delta(calls: list[tools.ToolCall], start: int) -> dict:
-    out = []
-    for i, call in enumerate(calls, start):
-        out += [_call_head(i, call), {"index": i, "function": {"arguments": call.arguments}}]
-    return {"tool_calls": out}
+    return {"tool_calls": [_call_entry(i, call) for i, call in enumerate(calls, start)]}
 
 
 def completion_job(ctx: ServingContext, body: CompletionRequest) -> _Job:

@@ -7,7 +7,8 @@
 - Parsing (`tool_choice: "auto"`): the output text is searched for calls in the format of the
   model's family: Hermes / Qwen `<tool_call>{json}</tool_call>`, Llama 3 JSON
   (`{"name", "parameters"}`, optionally after `<|python_tag|>`), Mistral `[TOOL_CALLS]`.
-  A call that does not parse leaves the whole text as content: nothing is dropped.
+  A call that does not parse, or names a function not offered, leaves the whole text as content;
+  text around calls stays content: nothing is dropped.
 - Forcing (`"required"` or a named function): a JSON schema the output must match, so the
   arguments always parse and validate; the output is then the calls themselves.
 """
@@ -83,17 +84,19 @@ def checked_tools(tools: list | None, tool_choice: Any) -> tuple[list[dict], str
         fn: dict[str, Any] = {"name": f.name}
         if f.description is not None:
             fn["description"] = f.description
-        fn["parameters"] = f.parameters if f.parameters is not None else {"type": "object", "properties": {}}
+        params = f.parameters if f.parameters is not None else {"type": "object", "properties": {}}
+        if params.get("type", "object") != "object":  # arguments are an object, in every format
+            raise InvalidRequestError(
+                f"tools[{i}].function.parameters must be a JSON schema of an object "
+                f'(type "object"), got type {str(params.get("type"))[:40]!r}',
+                param="tools",
+            )
+        fn["parameters"] = {"type": "object", **params}
         out.append({"type": "function", "function": fn})
     choice = tool_choice if tool_choice is not None else ("auto" if out else "none")
-    if isinstance(choice, str):
-        if choice not in ("none", "auto", "required"):
-            raise InvalidRequestError(
-                f"tool_choice must be none, auto, required or a named function, got {choice[:40]!r}",
-                param="tool_choice",
-            )
-        if choice == "required" and not out:
-            raise InvalidRequestError("tool_choice required needs tools", param="tool_choice")
+    if choice != "none" and not out:
+        raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+    if isinstance(choice, str):  # (pydantic's Literal took the other strings)
         return out, choice
     name = choice.function.name
     if name not in names:
@@ -178,17 +181,32 @@ def forced_output(tools: list[dict], choice: str | dict, parallel: bool) -> Stru
         return StructuredOutputsParams(json=by_name[choice["name"]]["parameters"])
     if choice != "required":
         return None
-    one = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "parameters": f["parameters"]},
-            "required": ["name", "parameters"],
-        }
-        for name, f in by_name.items()
-    ]
+    # Each function's schema moves inside the list's; its "$defs" go to the root, where its
+    # "#/$defs/..." references still point.
+    defs: dict[str, Any] = {}
+    one = []
+    for name, f in by_name.items():
+        params = dict(f["parameters"])
+        for k, v in (params.pop("$defs", None) or {}).items():
+            if k in defs and defs[k] != v:
+                raise InvalidRequestError(
+                    f"tools: two functions define $defs {k!r} differently; tool_choice required puts every "
+                    "function's $defs in one schema, so give them distinct names",
+                    param="tools",
+                )
+            defs[k] = v
+        one.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "parameters": params},
+                "required": ["name", "parameters"],
+            }
+        )
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": one[0] if len(one) == 1 else {"anyOf": one}}
     if not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return StructuredOutputsParams(json=schema)
 
 
@@ -197,29 +215,33 @@ def forced_calls(text: str, choice: str | dict) -> list[ToolCall]:
     if isinstance(choice, dict):
         return [ToolCall(choice["name"], text)]
     # Element by element: a list cut off by max_tokens still gives the calls it completed.
-    dec, items, i = json.JSONDecoder(), [], 1
-    while text.startswith("[") and i < len(text):
+    dec, items = json.JSONDecoder(), []
+    t = text.lstrip()
+    i = 1
+    while t.startswith("["):
+        while i < len(t) and (t[i].isspace() or t[i] == ","):
+            i += 1
         try:
-            obj, i = dec.raw_decode(text, i)
-        except ValueError:
+            obj, i = dec.raw_decode(t, i)
+        except (ValueError, RecursionError):
+            break
+        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and "parameters" in obj):
             break
         items.append(obj)
-        if not text.startswith(", ", i):
-            break
-        i += 2
     return [ToolCall(x["name"], json.dumps(x["parameters"], ensure_ascii=False)) for x in items]
 
 
 # ------------------------------------------------------------------------------------ parsing
 
 
-def parse(parser: str, text: str) -> tuple[str | None, list[ToolCall]]:
-    """(content, calls) from a whole output; content is None when the output is only calls."""
+def parse(parser: str, text: str, names: frozenset[str] | None = None) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) from a whole output; content is None when the output is only calls. A call
+    that does not parse, or names a function not in `names`, leaves the whole text as content."""
     try:
         content, calls = _PARSE[parser](text)
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return text, []  # a malformed call: the text stays, as text
-    if not calls:
+    if not calls or (names is not None and any(c.name not in names for c in calls)):
         return text, []
     return (content or None), calls
 
@@ -227,20 +249,25 @@ def parse(parser: str, text: str) -> tuple[str | None, list[ToolCall]]:
 def _call(obj: Any, args_key: str = "arguments") -> ToolCall:
     name = obj["name"]
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
-    if not isinstance(name, str) or not isinstance(args, dict | str):
+    if isinstance(args, str):
+        args = json.loads(args)  # arguments sent as JSON text must still be an object
+    if not isinstance(name, str) or not isinstance(args, dict):
         raise TypeError("not a call")
-    return ToolCall(name, args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
+    return ToolCall(name, json.dumps(args, ensure_ascii=False))
 
 
 def _hermes(text: str) -> tuple[str, list[ToolCall]]:
+    """Calls in <tool_call> blocks; content is the text outside them (the last block may be unclosed)."""
     start = text.find("<tool_call>")
     if start < 0:
         return text, []
-    calls = []
+    calls, content = [], [text[:start]]
     for block in text[start:].split("<tool_call>")[1:]:
-        body = block.split("</tool_call>")[0]
+        body, closed, after = block.partition("</tool_call>")
         calls.append(_call(json.loads(body)))
-    return text[:start], calls
+        if closed:
+            content.append(after.strip("\n") if after.strip() else "")
+    return "".join(content), calls
 
 
 def _llama3(text: str) -> tuple[str, list[ToolCall]]:
@@ -274,8 +301,9 @@ def _mistral(text: str) -> tuple[str, list[ToolCall]]:
         if part.startswith("["):  # v3: a JSON list of {"name", "arguments"}
             calls += [_call(x) for x in json.loads(part)]
         else:  # v11+: name[ARGS]{json}
-            name, _, args = part.partition("[ARGS]")
-            json.loads(args)
+            name, sep, args = part.partition("[ARGS]")
+            if not sep or not isinstance(json.loads(args), dict):
+                raise ValueError("not a call")
             calls.append(ToolCall(name.strip(), args.strip()))
     return text[:start], calls
 
@@ -287,8 +315,8 @@ class StreamParser:
     """Streams content until a call may begin, then holds the rest and parses it at the end
     (so streamed deltas add up to exactly the non-streamed message)."""
 
-    def __init__(self, parser: str) -> None:
-        self.parser = parser
+    def __init__(self, parser: str, names: frozenset[str] | None = None) -> None:
+        self.parser, self.names = parser, names
         self._text = ""
         self._sent = 0  # how much of _text went out as content
         self._holding = False  # a call has begun: nothing more is streamed as content
@@ -325,7 +353,7 @@ class StreamParser:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(the content not yet sent, the calls) once the output is complete."""
-        content, calls = parse(self.parser, self._text)
+        content, calls = parse(self.parser, self._text, self.names)
         if not calls:
             rest, self._sent = self._text[self._sent :], len(self._text)
             return rest, []
