@@ -14,7 +14,7 @@ import time
 
 from membound.cpu import ThreadGovernor
 from membound.engine.input_batch import InputBatch
-from membound.engine.model_runner import LaunchedStep, ModelRunner
+from membound.engine.model_runner import ForwardStep, LaunchedStep, ModelRunner
 from membound.engine.output import append_token, fail, make_output
 from membound.engine.request import Request
 from membound.engine.scheduler import Scheduler
@@ -54,6 +54,7 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self._inflight: LaunchedStep | None = None
         self.last_timing = StepTiming()
+        self._wait = 0.0  # this step's time waiting for results (`_finish`)
         self.num_steps = 0
         self.num_steps_launched_ahead = 0  # launched while the previous step's result was not in
         self.prompt_tokens_computed = 0
@@ -82,16 +83,11 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         early: list[RequestOutput] = []
-        # A grammar's next mask needs the token the step in flight is sampling: while any constrained
-        # request runs, steps go one at a time (that step is processed before the next is scheduled).
-        sync = not self.async_scheduling or any(r.grammar is not None for r in self.requests.values())
+        self._wait = 0.0
+        sync = not self.async_scheduling
         if sync and self._inflight is not None:
             done, self._inflight = self._inflight, None
-            try:
-                early = self._process(done, self.runner.fetch(done))
-            except BaseException as e:
-                self._abandon(done, e)
-                raise
+            early = self._finish(done)
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
@@ -105,23 +101,27 @@ class EngineCore:
             for s in sched.scheduled:
                 if s.request.metrics.first_scheduled_time is None:
                     s.request.metrics.first_scheduled_time = now
-            launched = self.runner.launch(sched)
+            ahead = self._inflight is not None
+            fwd = self.runner.launch_forward(sched)
+            if ahead and fwd.batch is not None and fwd.batch.constrained:
+                # A grammar's mask needs the token the step in flight is sampling: that step is
+                # processed now, while the device runs this forward, and the masks fill after it.
+                done, self._inflight = self._inflight, None
+                try:
+                    early += self._finish(done)
+                except BaseException:
+                    self._abandon(fwd, RuntimeError("the step before it failed"))
+                    raise
+            launched = self.runner.launch_sampling(fwd)
             self.num_steps += 1
-            if self._inflight is not None:
-                self.num_steps_launched_ahead += 1
+            self.num_steps_launched_ahead += ahead
         prev, self._inflight = self._inflight, (launched if not sync else None)
         t2 = time.perf_counter()
-        outputs, wait = [], 0.0
+        outputs: list[RequestOutput] = []
         for done in (prev, launched if sync else None):
             if done is not None:
-                w = time.perf_counter()
-                try:
-                    result = self.runner.fetch(done)
-                    wait += time.perf_counter() - w
-                    outputs += self._process(done, result)
-                except BaseException as e:
-                    self._abandon(done, e)  # its tokens are lost: nobody may wait for them forever
-                    raise
+                outputs += self._finish(done)
+        wait = self._wait
         t3 = time.perf_counter()
         self.last_timing = StepTiming(
             schedule=t1 - t0,
@@ -131,6 +131,17 @@ class EngineCore:
             output=t3 - t2 - wait,
         )
         return early + outputs
+
+    def _finish(self, done: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's result and process it."""
+        w = time.perf_counter()
+        try:
+            result = self.runner.fetch(done)
+            self._wait += time.perf_counter() - w
+            return self._process(done, result)
+        except BaseException as e:
+            self._abandon(done, e)  # its tokens are lost: nobody may wait for them forever
+            raise
 
     def _process(self, step: LaunchedStep, result) -> list[RequestOutput]:
         """Append a finished step's tokens, decide stops, build outputs; then let the scheduler
@@ -174,7 +185,7 @@ class EngineCore:
         self.prompt_tokens_computed += step.sched.num_tokens - step.sched.num_decode_tokens
         return outputs
 
-    def _abandon(self, step: LaunchedStep, error: BaseException) -> None:
+    def _abandon(self, step: LaunchedStep | ForwardStep, error: BaseException) -> None:
         """A step whose result could not be processed (say, interrupted while waiting): the
         requests whose tokens it held end with an error instead of waiting for them forever."""
         for req in step.sampling[step.rows_done :]:

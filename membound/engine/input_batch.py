@@ -295,11 +295,8 @@ class InputBatch:
             t = to_device([banned_rows, banned_ids], torch.int64, dev)
             banned = (t[0], t[1])
         bias = logit_bias_rows(params, [i for i in special if params[i].logit_bias], self.vocab_size, dev)
-        grammar = None
         constrained = [i for i in special if reqs[i].grammar is not None]
-        if constrained:
-            mask = token_bitmask([reqs[i].grammar for i in constrained], self.vocab_size)
-            grammar = (to_device(constrained, torch.int64, dev), mask.to(dev))
+        grammar = (to_device(constrained, torch.int64, dev), None) if constrained else None
         return SamplingBatch(
             params=params,
             generators=generators,
@@ -314,7 +311,18 @@ class InputBatch:
             banned=banned,
             bias=bias,
             grammar=grammar,
+            constrained=tuple(constrained),
         )
+
+    def fill_grammar_mask(self, batch: SamplingBatch, reqs: list[Request]) -> None:
+        """The constrained rows' token bitmask from their matchers as they are now: filled just before
+        sampling, so the tokens of the step before (processed meanwhile) are in. A request that has
+        finished since leaves its row unmasked (the row is wasted either way)."""
+        if batch.grammar is None:
+            return
+        rows, _ = batch.grammar
+        matchers = [None if reqs[i].is_finished else reqs[i].grammar for i in batch.constrained]
+        batch.grammar = (rows, token_bitmask(matchers, self.vocab_size).to(self.device))
 
     def write_tokens(self, slots: torch.Tensor, ids: torch.Tensor) -> None:
         """The sampler's ids go to their slots: the next step's decode inputs."""

@@ -71,6 +71,20 @@ class LaunchedStep:
     rows_done: int = 0  # sampling rows the core has processed (the rest are abandoned if it fails)
 
 
+@dataclasses.dataclass
+class ForwardStep:
+    """A step whose forward pass is queued and whose sampling is not (`ModelRunner.launch_sampling`)."""
+
+    sched: SchedulerOutput
+    sampling: list[Request]
+    batch: SamplingBatch | None
+    sample_slots: torch.Tensor
+    hidden: torch.Tensor  # the sampling rows' last hidden states
+    prepare_s: float = 0.0
+    launch_s: float = 0.0
+    rows_done: int = 0  # (none: if the step is abandoned here, every row is)
+
+
 class ModelRunner:
     """Scheduler output -> input batch -> forward (eager, or a CUDA-graph replay) -> sampling."""
 
@@ -90,10 +104,16 @@ class ModelRunner:
         self.copier = HostCopier(device)
         self.graphs: DecodeGraphs | None = None  # set by the builder when decode steps are padded/captured
 
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         """Queue the step's forward pass and sampling on the device, and the copy of the result.
         Never waits for the device: the step may be launched while the previous one runs."""
+        return self.launch_sampling(self.launch_forward(sched))
+
+    @torch.inference_mode()
+    def launch_forward(self, sched: SchedulerOutput) -> ForwardStep:
+        """The first half of `launch`: inputs and the forward pass queued, nothing sampled yet. The
+        core processes the previous step before the second half when a grammar needs its tokens
+        (the matchers advance and the masks fill on the host while the device runs this forward)."""
         t0 = time.perf_counter()
         inputs, batch, sampling = self.input_batch.prepare(sched)
         t1 = time.perf_counter()
@@ -102,18 +122,29 @@ class ModelRunner:
         if batch is None:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
             self._prompt_logprobs(sched, hidden, meta.query_start_loc_host)
-            return LaunchedStep(sched, [], None, None, t1 - t0, time.perf_counter() - t1)
-        if g is not None and meta.num_decodes == meta.num_seqs == len(sampling) and len(sampling) <= g.max_batch:
+        elif g is not None and meta.num_decodes == meta.num_seqs == len(sampling) and len(sampling) <= g.max_batch:
             hidden = g.run(inputs)  # every row samples: no row selection
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
             self._prompt_logprobs(sched, hidden, meta.query_start_loc_host)
             hidden = hidden[inputs.logits_rows]
-        result = sample_on_device(self.model.compute_logits(hidden), batch, self.generator)
+        return ForwardStep(sched, sampling, batch, inputs.sample_slots, hidden, t1 - t0, time.perf_counter() - t1)
+
+    @torch.inference_mode()
+    def launch_sampling(self, fwd: ForwardStep) -> LaunchedStep:
+        """The second half of `launch`: grammar masks from the matchers as they are now, sampling,
+        the ids into the token pool and their copy to the host."""
+        t0 = time.perf_counter()
+        batch = fwd.batch
+        if batch is None:
+            return LaunchedStep(fwd.sched, [], None, None, fwd.prepare_s, fwd.launch_s)
+        self.input_batch.fill_grammar_mask(batch, fwd.sampling)
+        result = sample_on_device(self.model.compute_logits(fwd.hidden), batch, self.generator)
         ids = result if result.dim() == 1 else result[:, 0].long()
-        self.input_batch.write_tokens(inputs.sample_slots, ids)
+        self.input_batch.write_tokens(fwd.sample_slots, ids)
         pending = self.copier.start(result)
-        return LaunchedStep(sched, sampling, batch, pending, t1 - t0, time.perf_counter() - t1)
+        launch_s = fwd.launch_s + time.perf_counter() - t0
+        return LaunchedStep(fwd.sched, fwd.sampling, batch, pending, fwd.prepare_s, launch_s)
 
     def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor, starts: tuple[int, ...]) -> None:
         """For prefill chunks of requests that asked for prompt logprobs: each row's logits score the

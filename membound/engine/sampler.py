@@ -34,7 +34,10 @@ class SamplingBatch:
     penalties: Penalties | None  # or any object with apply(logits) and record(ids)
     banned: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token ids) forced to -inf
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, added) logit_bias
-    grammar: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, token bitmask [R, V / 32]) structured outputs
+    # Structured outputs: (rows, token bitmask [R, V / 32]); the mask is filled just before sampling
+    # (`InputBatch.fill_grammar_mask`), from the matchers of the rows in `constrained` (host).
+    grammar: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    constrained: tuple[int, ...] = ()
 
     @classmethod
     def build(

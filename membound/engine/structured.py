@@ -55,12 +55,14 @@ class StructuredOutputs:
 
 
 def token_bitmask(matchers: list, vocab_size: int) -> torch.Tensor:
-    """[len(matchers), ceil(V / 32)] int32 (host): bit j of row i set where matcher i allows token j."""
+    """[len(matchers), ceil(V / 32)] int32 (host): bit j of row i set where matcher i allows token j
+    (every bit, for a None matcher)."""
     import xgrammar  # present: the matchers came from it
 
     mask = xgrammar.allocate_token_bitmask(len(matchers), vocab_size)
     for i, m in enumerate(matchers):
-        m.fill_next_token_bitmask(mask, i)
+        if m is not None:
+            m.fill_next_token_bitmask(mask, i)
     return mask
 
 
