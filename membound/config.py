@@ -21,6 +21,63 @@ QUANTIZATIONS = ("auto", "gguf", "none", "int8", "int4", "fp8")
 DEFAULT_LONG_PREFILL_THRESHOLD = {"cpu": 8, "cuda": 512}
 
 
+SPEC_METHODS = ("ngram",)
+
+
+@dataclasses.dataclass
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's shape. ngram: drafts from the longest recent n-gram match
+    (prompt_lookup_min..prompt_lookup_max tokens) in the sequence's own prompt and output."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    # A sequence whose drafts keep missing stops drafting: below this many accepted tokens per
+    # drafting step (over its last `adaptive_window` such steps) the verification costs more than it gives.
+    min_accepted_per_step: float = 0.5
+    adaptive_window: int = 8
+
+    @classmethod
+    def from_value(cls, value: SpeculativeConfig | dict | None) -> SpeculativeConfig | None:
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"speculative_config must be a dict such as {{'method': 'ngram', ...}}, got {value!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - names)
+        if value.get("method") == "draft_model" or "model" in unknown:
+            raise ConfigError(
+                "speculative_config method 'draft_model' (a second model) is not supported yet; method 'ngram' is"
+            )
+        if unknown:
+            raise ConfigError(f"speculative_config has unknown fields {unknown}; allowed: {', '.join(sorted(names))}")
+        return cls(**value)
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(
+                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}"
+            )
+        for name, lo, hi in (
+            ("num_speculative_tokens", 1, 16),
+            ("prompt_lookup_min", 1, 64),
+            ("prompt_lookup_max", 1, 64),
+            ("adaptive_window", 1, 1024),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ConfigError(f"speculative_config.{name} must be an integer in [{lo}, {hi}], got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                f"prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+        m = self.min_accepted_per_step
+        if isinstance(m, bool) or not isinstance(m, int | float) or not 0 <= m <= 16:
+            raise ConfigError(f"speculative_config.min_accepted_per_step must be a number in [0, 16], got {m!r}")
+
+
 @dataclasses.dataclass
 class EngineConfig:
     """Knobs named as vLLM names them, so users can carry their settings over.
@@ -67,6 +124,9 @@ class EngineConfig:
     # docs/benchmarks.md). Off: the kernels are chosen per step's shape and results may differ in the
     # last bits, which sampling at temperature > 0 can turn into different tokens.
     batch_invariant: bool = False
+    # Speculative decoding ({"method": "ngram", "num_speculative_tokens": k, ...}; None: off). Steps
+    # then run one at a time (drafts need the previous step's tokens): async_scheduling is off.
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -109,6 +169,16 @@ class EngineConfig:
             raise ConfigError(f"async_scheduling must be True, False or None (auto), got {self.async_scheduling!r}")
         if not isinstance(self.batch_invariant, bool):
             raise ConfigError(f"batch_invariant must be True or False, got {self.batch_invariant!r}")
+        self.speculative_config = SpeculativeConfig.from_value(self.speculative_config)
+        if self.speculative_config is not None:
+            if self.async_scheduling:
+                raise ConfigError(
+                    "speculative_config needs each step's tokens before the next is drafted: "
+                    "leave async_scheduling off (None or False)"
+                )
+            if self.batch_invariant:
+                raise ConfigError("speculative_config and batch_invariant cannot be combined yet")
+            self.async_scheduling = False
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be auto or dummy, got {self.load_format!r}")
 

@@ -3,8 +3,14 @@ what it should."""
 
 from __future__ import annotations
 
+import json
+import re
+import time
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from membound.engine.ngram_proposer import propose_ngram
@@ -110,3 +116,217 @@ def test_ngram_drafts_what_followed_the_longest_recent_match(tokens, k, want):
 def test_ngram_min_n_one_matches_a_single_token():
     assert propose_ngram([9, 4, 5, 6, 4], 2, min_n=1, max_n=3) == [5, 6]
     assert propose_ngram([9, 4, 5, 6, 4], 2, min_n=2, max_n=3) == []
+
+
+# ------------------------------------------------------------------------------------ engine
+
+GROUNDED = [
+    "Repeat this text exactly:\nThe quick brown fox jumps over the lazy dog. The quick brown fox jumps over "
+    "the lazy dog.\nRepeated text:\n",
+    "Rename the variable x to total in this code:\ndef add(a, b):\n    x = a + b\n    return x\n\n"
+    "def twice(a):\n    x = add(a, a)\n    return x\nAnswer:\n",
+    "Count: one, two, three, four, five, six, seven, eight, nine, ten. Again: one, two, three,",
+    "What is the capital of France?",  # open-ended: little to match
+]
+SPEC = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+
+
+def _texts(outs):
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def smol_spec():
+    from membound import LLM
+
+    return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20, quantization="none", speculative_config=SPEC)
+
+
+@pytest.fixture(scope="module")
+def smol_plain():
+    from membound import LLM
+
+    return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20, quantization="none")
+
+
+def test_greedy_outputs_are_identical_with_speculation_alone_and_in_a_batch(smol_spec, smol_plain):
+    """fp32 SmolLM2 (verification rows and decode rows agree to the last bits that matter): the same
+    greedy tokens alone and in a batch beside requests that do not speculate (logprobs, penalties)."""
+    from membound import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=60)
+    others = [
+        SamplingParams(temperature=0, max_tokens=30, logprobs=2),
+        SamplingParams(temperature=0, max_tokens=30, repetition_penalty=1.3),
+    ]
+    want = _texts(smol_plain.generate(GROUNDED, greedy))
+    before = smol_spec.engine.core.speculator.num_accepted_tokens
+    assert _texts(smol_spec.generate(GROUNDED, greedy)) == want
+    sp = smol_spec.engine.core.speculator
+    assert sp.num_accepted_tokens - before > 15  # it did speculate, and drafts were kept
+    mixed = GROUNDED + GROUNDED[:2]
+    params = [greedy] * 4 + others
+    got, ref = smol_spec.generate(mixed, params), smol_plain.generate(mixed, params)
+    assert _texts(got) == _texts(ref)
+    for a, b in zip(got[4:], ref[4:], strict=True):  # the non-speculating ones' logprobs too
+        if b.outputs[0].logprobs is not None:
+            t = b.outputs[0].token_ids
+            assert [x[i].logprob for x, i in zip(a.outputs[0].logprobs, t, strict=True)] == pytest.approx(
+                [x[i].logprob for x, i in zip(b.outputs[0].logprobs, t, strict=True)], abs=1e-4
+            )
+    st = smol_spec.engine.stats()
+    assert st.num_free_blocks == st.num_total_blocks
+
+
+def test_stops_and_max_tokens_inside_an_accepted_run_end_where_they_would(smol_spec, smol_plain):
+    from membound import SamplingParams
+
+    prompt = GROUNDED[0]
+    for params in (
+        SamplingParams(temperature=0, max_tokens=7),  # lands mid-run
+        SamplingParams(temperature=0, max_tokens=40, stop=["lazy"]),
+        SamplingParams(temperature=0, max_tokens=40, stop=["jumps over the"]),
+    ):
+        a, b = smol_spec.generate(prompt, params)[0].outputs[0], smol_plain.generate(prompt, params)[0].outputs[0]
+        assert (a.text, a.token_ids, a.finish_reason, a.stop_reason) == (
+            b.text,
+            b.token_ids,
+            b.finish_reason,
+            b.stop_reason,
+        )
+
+
+def test_speculation_under_chunked_prefill_preemption_and_prefix_hits(tmp_path):
+    """A pool small enough to preempt, a step budget that chunks prompts and clips drafts, prompts
+    that share prefixes: greedy outputs as without speculation, and every block returned."""
+    from membound import LLM, SamplingParams
+    from tests.conftest import TINY_BLOCK, TINY_KV_BYTES_PER_TOKEN, write_tiny_config
+
+    path = write_tiny_config(tmp_path / "cfg")
+    base = [(3 * i) % 50 + 1 for i in range(40)]
+    prompts = [base[: 20 + 5 * i] + base[:10] * 2 for i in range(5)]  # repetitive: drafts get accepted
+    kw = dict(
+        load_format="dummy", skip_tokenizer_init=True, max_model_len=128, max_num_batched_tokens=16,
+        max_num_seqs=4, kv_cache_memory_bytes=14 * TINY_BLOCK * TINY_KV_BYTES_PER_TOKEN, dtype="float32",
+    )  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = LLM(str(path), **kw)
+    want = _texts(plain.generate(prompts, params))
+    spec = LLM(str(path), speculative_config=SPEC, **kw)
+    got = _texts(spec.generate(prompts, params))
+    assert got == want
+    st = spec.engine.stats()
+    assert st.num_preemptions > 0 and st.prefix_cache_hits > 0
+    assert spec.engine.core.speculator.num_drafts > 0
+    assert st.num_free_blocks == st.num_total_blocks
+
+
+@pytest.fixture(scope="module")
+def tiny_spec_engine(tmp_path_factory):
+    from membound.config import EngineConfig
+    from membound.engine.llm_engine import LLMEngine
+    from tests.conftest import TINY_BLOCK, TINY_KV_BYTES_PER_TOKEN, write_tiny_config
+
+    path = write_tiny_config(tmp_path_factory.mktemp("spec") / "cfg")
+    return LLMEngine(
+        EngineConfig(
+            model=str(path), load_format="dummy", skip_tokenizer_init=True, max_model_len=128, max_num_seqs=4,
+            max_num_batched_tokens=24, kv_cache_memory_bytes=20 * TINY_BLOCK * TINY_KV_BYTES_PER_TOKEN,
+            speculative_config=SPEC,
+        )
+    )  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(4, 40), st.integers(1, 30), st.booleans()),
+            st.tuples(st.just("abort"), st.integers(0, 20)),
+            st.tuples(st.just("step"), st.integers(1, 4)),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_blocks_are_owned_once_and_all_come_back_under_speculation(tiny_spec_engine, ops):
+    """Adds, aborts and steps in any order, sampled and greedy, with drafts accepted and rejected:
+    every block's reference count is the number of requests holding it, and once all are done
+    every block is free."""
+    from membound import SamplingParams
+
+    eng = tiny_spec_engine
+    pool = eng.allocator
+    ids = 0
+
+    def check():
+        holders: dict[int, int] = {}
+        for req in eng.core.requests.values():
+            for b in req.block_ids:
+                holders[b] = holders.get(b, 0) + 1
+        for b in range(pool.num_blocks):
+            assert pool.ref_count(b) == holders.get(b, 0), b
+
+    for op in ops:
+        if op[0] == "add":
+            _, n, max_tokens, sampled = op
+            prompt = [(7 * i) % 23 + 1 for i in range(n)]  # repeats: drafts to verify
+            params = SamplingParams(temperature=0.8 if sampled else 0, max_tokens=max_tokens, ignore_eos=True)
+            eng.add_request(f"r{ids}", prompt, params)
+            ids += 1
+        elif op[0] == "abort":
+            eng.abort_request(f"r{op[1]}")
+        else:
+            for _ in range(op[1]):
+                eng.step()
+                check()
+    while eng.has_unfinished_requests():
+        eng.step()
+        check()
+    st_ = eng.stats()
+    assert st_.num_free_blocks == st_.num_total_blocks
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ({"method": "eagle"}, "method must be one of ngram"),
+        ({"method": "draft_model", "model": "x.gguf"}, "'draft_model' (a second model) is not supported yet"),
+        ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an integer in [1, 16]"),
+        ({"prompt_lookup_min": 5, "prompt_lookup_max": 3}, "must not exceed"),
+        ({"lookahead": 3}, "unknown fields ['lookahead']"),
+        ("ngram", "must be a dict"),
+    ],
+)
+def test_bad_speculative_configs_say_what_is_allowed(value, needle):
+    from membound.config import EngineConfig
+    from membound.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        EngineConfig(speculative_config=value)
+    with pytest.raises(ConfigError, match="leave async_scheduling off"):
+        EngineConfig(speculative_config=SPEC, async_scheduling=True)
+
+
+@pytest.mark.slow
+def test_the_server_reports_vllms_speculation_metrics(tmp_path):
+    import httpx
+
+    from tests.server_utils import ServerProcess
+
+    srv = ServerProcess(
+        ["--max-model-len", "1024", "--kv-cache-memory", "64", "--speculative-config", json.dumps(SPEC)],
+        tmp_path / "log",
+    )
+    try:
+        body = {"prompt": GROUNDED[0], "max_tokens": 40, "temperature": 0}
+        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        time.sleep(1.5)  # stats reach the metrics once per engine iteration
+        m = srv.metrics()
+        drafts, drafted = m["membound:spec_decode_num_drafts_total"], m["membound:spec_decode_num_draft_tokens_total"]
+        accepted = m["membound:spec_decode_num_accepted_tokens_total"]
+        per_pos = sum(v for k, v in m.items() if k.startswith("membound:spec_decode_num_accepted_tokens_per_pos_total"))
+        assert drafts > 0 and drafted >= drafts and 0 < accepted <= drafted and per_pos == accepted
+    finally:
+        assert srv.stop() == 0, srv.log_tail()

@@ -29,6 +29,7 @@ from membound.engine.memory import MemoryPlan, plan_memory
 from membound.engine.model_runner import ModelRunner
 from membound.engine.sampler import SamplingBatch, sample
 from membound.engine.scheduler import Scheduler, SchedulerConfig
+from membound.engine.speculator import NgramSpeculator
 from membound.engine.warmup import synthetic_metadata, warm_up_kernels
 from membound.errors import ConfigError
 from membound.model.config import ModelConfig
@@ -174,7 +175,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
         runner.graphs.capture()
     # Overlap host and device work where there is a device to overlap with.
     async_scheduling = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
-    core = EngineCore(scheduler, runner, input_batch, async_scheduling, threads)
+    spec = config.speculative_config
+    speculator = NgramSpeculator(spec, max_model_len) if spec is not None else None
+    core = EngineCore(scheduler, runner, input_batch, async_scheduling, threads, speculator)
     log.info(
         "loaded %s (%s, %s) on %s in %.1fs; %s",
         source.name,

@@ -18,6 +18,7 @@ from membound.engine.model_runner import ForwardStep, LaunchedStep, ModelRunner
 from membound.engine.output import append_token, fail, make_output
 from membound.engine.request import Request
 from membound.engine.scheduler import Scheduler
+from membound.engine.speculator import NgramSpeculator
 from membound.outputs import RequestOutput, position_logprobs
 
 
@@ -45,12 +46,14 @@ class EngineCore:
         input_batch: InputBatch,
         async_scheduling: bool,
         threads: ThreadGovernor | None = None,
+        speculator: NgramSpeculator | None = None,
     ):
         self.scheduler = scheduler
         self.threads = threads  # CPU: the intra-op thread count, revisited between steps
         self.runner = runner
         self.input_batch = input_batch
         self.async_scheduling = async_scheduling
+        self.speculator = speculator  # drafts for the next step (speculative decoding), or None
         self.requests: dict[str, Request] = {}
         self._inflight: LaunchedStep | None = None
         self.last_timing = StepTiming()
@@ -89,6 +92,8 @@ class EngineCore:
             done, self._inflight = self._inflight, None
             early = self._finish(done)
         t0 = time.perf_counter()
+        if self.speculator is not None:
+            self.speculator.propose(self.requests.values())
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
             self.input_batch.release(victim)
@@ -154,26 +159,39 @@ class EngineCore:
         self.scheduler.commit(step.sched)
         if result is not None:
             want_lp = result.logprobs is not None
-            for row, req in enumerate(step.sampling):
-                step.rows_done = row + 1
+            drafts = dict(step.batch.spec) if step.batch.spec else {}  # first row -> drafts verified
+            rows, row = step.sampling, 0
+            while row < len(rows):
+                req, k = rows[row], drafts.get(row, 0)
+                first, row = row, row + 1 + k  # a sequence verifying k drafts has k + 1 rows
+                step.rows_done = row
                 req.num_pending -= 1
                 if req.is_finished:
                     continue  # aborted, or finished by an earlier token: a wasted row
-                token = result.token_ids[row]
-                lp = None
-                if want_lp and req.logprobs is not None:
-                    n = req.params.logprobs
-                    lp = position_logprobs(
-                        token, result.logprobs[row], result.ranks[row],
-                        result.top_ids[row][:n], result.top_logprobs[row][:n], req.token_text,
-                    )  # fmt: skip
+                tokens = result.token_ids[first : first + result.emitted[first]] if k else [result.token_ids[first]]
                 if req.metrics.first_token_time is None:
                     req.metrics.first_token_time = now
-                try:
-                    append_token(req, token, lp)
-                except Exception as e:  # noqa: BLE001 - a tokenizer or stop-check bug ends this request alone
-                    fail(req, e)
-                n_tokens += 1
+                for token in tokens:
+                    lp = None
+                    if want_lp and req.logprobs is not None:  # (speculating rows ask for none)
+                        n = req.params.logprobs
+                        lp = position_logprobs(
+                            token, result.logprobs[first], result.ranks[first],
+                            result.top_ids[first][:n], result.top_logprobs[first][:n], req.token_text,
+                        )  # fmt: skip
+                    try:
+                        append_token(req, token, lp)
+                    except Exception as e:  # noqa: BLE001 - a tokenizer or stop-check bug ends this request alone
+                        fail(req, e)
+                    n_tokens += 1
+                    if req.is_finished:
+                        break  # a stop inside an accepted run: the rest is dropped
+                if k:
+                    assert self.speculator is not None
+                    self.speculator.record(req, k, len(tokens) - 1)
+                    if not req.is_finished:  # the rejected drafts' KV is overwritten later
+                        self.scheduler.rollback(req, k + 1 - len(tokens))
+                        self.input_batch.blocks_trimmed(req)
                 if req.is_finished:
                     req.metrics.finished_time = now
                     self.requests.pop(req.request_id, None)
@@ -188,7 +206,7 @@ class EngineCore:
     def _abandon(self, step: LaunchedStep | ForwardStep, error: BaseException) -> None:
         """A step whose result could not be processed (say, interrupted while waiting): the
         requests whose tokens it held end with an error instead of waiting for them forever."""
-        for req in step.sampling[step.rows_done :]:
+        for req in dict.fromkeys(step.sampling[step.rows_done :]):  # (a speculating one has several rows)
             req.num_pending -= 1
             if not req.is_finished:
                 fail(req, error)

@@ -143,6 +143,12 @@ class InputBatch:
         self.penalties.release(slot)
         self._free_slots.append(slot)
 
+    def blocks_trimmed(self, req: Request) -> None:
+        """The request gave blocks back from its tail (rejected drafts): entries written past its
+        table's new end are rewritten when it grows again."""
+        if req.slot is not None:
+            self._synced_blocks[req.slot] = min(self._synced_blocks[req.slot], len(req.block_ids))
+
     def _admit(self, req: Request, new_params: list) -> int:
         slot = self._free_slots.pop()
         req.slot = slot
@@ -191,11 +197,13 @@ class InputBatch:
         starts = list(range(nd + 1))
         width = max((len(r.block_ids) for r in dec_reqs), default=0)
         samples = [s.samples for s in dec]
-        for s in scheduled[nd:]:  # prefill chunks: few rows, many tokens
+        for s in scheduled[nd:]:  # prefill chunks (and decodes with drafts): few rows, many tokens
             req, start, end = s.request, s.start, s.end
             known = req.num_tokens
             ids.extend(req.token_ids[start : min(end, known)])
-            if end > known:  # the chunk ends on the token a launched step sampled
+            if s.num_spec:  # the last token, then the drafts to verify
+                ids.extend(req.spec_token_ids[: s.num_spec])
+            elif end > known:  # the chunk ends on the token a launched step sampled
                 ids.extend([PENDING] * (end - max(start, known)))
             positions.extend(range(start, end))
             token_slots.extend([req.slot] * (end - start))
@@ -204,7 +212,19 @@ class InputBatch:
             row_slots.append(req.slot)
             width = max(width, len(req.block_ids))
             samples.append(s.samples)
-        if all(samples):
+        spec: list[tuple[int, int]] = []  # (first sampling row, drafts) of each entry verifying drafts
+        if sched.num_spec_tokens:
+            sampling, logits_rows, sample_slots = [], [], []
+            for i, s in enumerate(scheduled):
+                if not s.samples:
+                    continue
+                if s.num_spec:  # every row scores: the drafts' and the one after them
+                    spec.append((len(sampling), s.num_spec))
+                n = 1 + s.num_spec
+                sampling += [s.request] * n
+                logits_rows += range(starts[i + 1] - n, starts[i + 1])
+                sample_slots += [row_slots[i]] * n
+        elif all(samples):
             sampling = [s.request for s in scheduled]
             logits_rows = [x - 1 for x in starts[1:]]
             sample_slots = row_slots
@@ -259,7 +279,10 @@ class InputBatch:
             query_start_loc_host=tuple(starts),
         )
         inputs = ModelInputs(input_ids, pos, meta, lrows, sslots)
-        return inputs, (self._sampling_batch(sampling, sslots) if sampling else None), sampling
+        batch = self._sampling_batch(sampling, sslots) if sampling else None
+        if batch is not None and spec:
+            batch.spec = tuple(spec)
+        return inputs, batch, sampling
 
     def _sampling_batch(self, reqs: list[Request], slots: torch.Tensor) -> SamplingBatch:
         flags = [r.sampling_flags for r in reqs]  # computed once per request (Request.sampling_flags)

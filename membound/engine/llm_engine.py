@@ -41,6 +41,12 @@ class EngineStats:
     num_steps_launched_ahead: int = 0  # of those, launched before the previous step's result was in
     num_threads: int | None = None  # CPU intra-op threads in force (None on a GPU)
     num_thread_changes: int = 0  # times the CPU thread count was changed for other processes' load
+    # Speculative decoding (cumulative; zero when off): drafting steps, drafts, accepted drafts, and
+    # accepted drafts by position in the draft.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_pos: tuple[int, ...] = ()
 
 
 class LLMEngine:
@@ -241,6 +247,18 @@ class LLMEngine:
             num_steps_launched_ahead=self.core.num_steps_launched_ahead,
             num_threads=None if self.core.threads is None else self.core.threads.threads,
             num_thread_changes=0 if self.core.threads is None else self.core.threads.changes,
+            **self._spec_stats(),
+        )
+
+    def _spec_stats(self) -> dict:
+        sp = self.core.speculator
+        if sp is None:
+            return {}
+        return dict(
+            spec_num_drafts=sp.num_drafts,
+            spec_num_draft_tokens=sp.num_draft_tokens,
+            spec_num_accepted_tokens=sp.num_accepted_tokens,
+            spec_accepted_per_pos=tuple(sp.accepted_per_pos),
         )
 
     def reset_prefix_cache(self) -> None:

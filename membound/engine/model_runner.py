@@ -17,7 +17,14 @@ import torch
 from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.input_batch import InputBatch
 from membound.engine.request import Request
-from membound.engine.sampler import SamplerOutput, SamplingBatch, sample_on_device, score_tokens, unpack
+from membound.engine.sampler import (
+    SamplerOutput,
+    SamplingBatch,
+    sample_on_device,
+    score_tokens,
+    unpack,
+    verify_on_device,
+)
 from membound.engine.scheduler import SchedulerOutput
 from membound.model.llama import LlamaForCausalLM
 from membound.outputs import position_logprobs
@@ -80,6 +87,7 @@ class ForwardStep:
     batch: SamplingBatch | None
     sample_slots: torch.Tensor
     hidden: torch.Tensor  # the sampling rows' last hidden states
+    row_inputs: torch.Tensor | None  # the sampling rows' input tokens, where drafts are verified
     prepare_s: float = 0.0
     launch_s: float = 0.0
     rows_done: int = 0  # (none: if the step is abandoned here, every row is)
@@ -128,7 +136,11 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
             self._prompt_logprobs(sched, hidden, meta.query_start_loc_host)
             hidden = hidden[inputs.logits_rows]
-        return ForwardStep(sched, sampling, batch, inputs.sample_slots, hidden, t1 - t0, time.perf_counter() - t1)
+        # Verification reads each scoring row's input: the drafts.
+        row_inputs = inputs.input_ids[inputs.logits_rows] if batch is not None and batch.spec else None
+        return ForwardStep(
+            sched, sampling, batch, inputs.sample_slots, hidden, row_inputs, t1 - t0, time.perf_counter() - t1
+        )
 
     @torch.inference_mode()
     def launch_sampling(self, fwd: ForwardStep) -> LaunchedStep:
@@ -139,7 +151,18 @@ class ModelRunner:
         if batch is None:
             return LaunchedStep(fwd.sched, [], None, None, fwd.prepare_s, fwd.launch_s)
         self.input_batch.fill_grammar_mask(batch, fwd.sampling)
-        result = sample_on_device(self.model.compute_logits(fwd.hidden), batch, self.generator)
+        logits = self.model.compute_logits(fwd.hidden)
+        result = sample_on_device(logits, batch, self.generator)
+        if batch.spec:  # drafts verified: their rows hold what is emitted, a last column how many
+            tokens, emitted = verify_on_device(logits, fwd.row_inputs, batch, self.generator)
+            spec_rows = torch.zeros_like(tokens, dtype=torch.bool)
+            for r, k in batch.spec:
+                spec_rows[r : r + k + 1] = True
+            if result.dim() == 1:
+                result = torch.stack([torch.where(spec_rows, tokens, result), emitted], dim=1)
+            else:
+                result[:, 0] = torch.where(spec_rows, tokens.float(), result[:, 0])
+                result = torch.cat([result, emitted.float()[:, None]], dim=1)
         ids = result if result.dim() == 1 else result[:, 0].long()
         self.input_batch.write_tokens(fwd.sample_slots, ids)
         pending = self.copier.start(result)

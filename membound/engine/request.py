@@ -62,6 +62,9 @@ class Request:
         "num_preemptions",
         "sampling_flags",
         "grammar",
+        "spec_token_ids",
+        "spec_history",
+        "spec_off",
     )
 
     def __init__(
@@ -111,6 +114,11 @@ class Request:
         self.num_preemptions = 0
         self.sampling_flags = 0  # set by the input batch, which knows the vocabulary
         self.grammar = None  # structured outputs: the xgrammar matcher the engine gave it
+        # Speculative decoding: drafts the next step verifies (set by the speculator each step), the
+        # accepted count of its recent drafting steps, and whether drafting stopped paying for it.
+        self.spec_token_ids: list[int] = []
+        self.spec_history: list[int] = []
+        self.spec_off = False
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch
 
+from membound.engine.rejection_sampler import rejection_sample
 from membound.engine.structured import allowed_tokens
 from membound.engine.transfer import to_device
 from membound.sampling_params import SamplingParams
@@ -38,6 +39,9 @@ class SamplingBatch:
     # (`InputBatch.fill_grammar_mask`), from the matchers of the rows in `constrained` (host).
     grammar: tuple[torch.Tensor, torch.Tensor | None] | None = None
     constrained: tuple[int, ...] = ()
+    # Speculative decoding: (first row, drafts) per sequence verifying drafts; its rows are
+    # consecutive, one per draft and one after them (`verify_on_device`).
+    spec: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def build(
@@ -152,6 +156,7 @@ class SamplerOutput:
     ranks: list[int] | None  # of the sampled token (1: the most likely)
     top_ids: list[list[int]] | None
     top_logprobs: list[list[float]] | None
+    emitted: list[int] | None = None  # speculative rows: at an entry's first row, tokens it emits
 
 
 def truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -214,6 +219,43 @@ def sample_on_device(logits: torch.Tensor, batch: SamplingBatch, generator: torc
     return torch.cat([ids[:, None].float(), chosen[:, None], rank[:, None].float(), top_vals, top_ids.float()], dim=1)
 
 
+def verify_on_device(
+    logits: torch.Tensor, row_inputs: torch.Tensor, batch: SamplingBatch, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative rows: for each `batch.spec` entry (first row r, k drafts), rows r..r+k score the
+    drafts (row r + j's input is draft j - 1) and the position after them. Returns (tokens [R]: at
+    an entry's rows, what it emits in order; emitted [R]: at its first row, how many; 0 elsewhere).
+    The target distribution is the row's own (temperature, top-k/p, min-p; greedy: its argmax):
+    speculating rows have no other settings (`engine/speculator.py`)."""
+    tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    emitted = torch.zeros_like(tokens)
+    by_k: dict[int, list[int]] = {}
+    for r, k in batch.spec:
+        by_k.setdefault(k, []).append(r)
+    for k, firsts in by_k.items():
+        starts = torch.tensor(firsts, device=logits.device)
+        rows = (starts[:, None] + torch.arange(k + 1, device=logits.device)).reshape(-1)
+        probs = _target_probs(logits[rows], batch, rows).view(len(firsts), k + 1, -1)
+        drafts = row_inputs[rows].view(len(firsts), k + 1)[:, 1:]
+        out, n = rejection_sample(probs, drafts, None, generator)
+        tokens[rows] = out.reshape(-1)
+        emitted[starts] = n
+    return tokens, emitted
+
+
+def _target_probs(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> torch.Tensor:
+    """The distribution each row samples from: one-hot at the argmax where greedy."""
+    temperature = batch.temperature[rows]
+    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    if batch.all_greedy:
+        return greedy
+    temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    scaled = logits.float() / temp[:, None]
+    if batch.needs_truncation:
+        scaled = truncate(scaled, batch.top_k[rows], batch.top_p[rows], batch.min_p[rows])
+    return torch.where((temperature > 0)[:, None], scaled.softmax(dim=-1), greedy)
+
+
 def score_tokens(
     logits: torch.Tensor, targets: torch.Tensor, k: int, normalized: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,12 +271,18 @@ def score_tokens(
 
 
 def unpack(host: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-    """The host copy of `sample_on_device`'s result as Python lists."""
+    """The host copy of `sample_on_device`'s result as Python lists (and, after verification, the
+    emitted counts in a last column)."""
+    emitted = None
+    if batch.spec:
+        emitted = host[:, -1].long().tolist()
+        host = host[:, :-1] if batch.max_logprobs is not None else host[:, 0]
     if batch.max_logprobs is None:
-        return SamplerOutput(host.tolist(), None, None, None, None)
+        return SamplerOutput(host.tolist(), None, None, None, None, emitted)
     k = max(batch.max_logprobs, 1)
     packed = host.tolist()
     return SamplerOutput(
+        emitted=emitted,
         token_ids=[int(row[0]) for row in packed],
         logprobs=[row[1] for row in packed],
         ranks=[int(row[2]) for row in packed],

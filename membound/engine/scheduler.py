@@ -45,6 +45,7 @@ class ScheduledRequest:
     start: int  # the first position this step computes
     samples: bool  # the step computes the request's last token, so it samples the next one
     epoch: int  # the request's preemption count when scheduled: a preempted step commits nothing
+    num_spec: int = 0  # draft tokens after its last token (`Request.spec_token_ids`), verified this step
 
     @property
     def end(self) -> int:
@@ -58,7 +59,8 @@ class SchedulerOutput:
     preempted: list[Request]
     fills_blocks: list[ScheduledRequest] = dataclasses.field(default_factory=list)  # entries that fill a block
     num_tokens: int = 0  # tokens computed this step
-    num_decode_tokens: int = 0  # of those, one-token decodes of running requests (the rest: prompts, recomputes)
+    num_decode_tokens: int = 0  # of those, decodes of running requests, drafts included (the rest: prompts, recomputes)
+    num_spec_tokens: int = 0  # draft tokens verified this step
 
 
 class Scheduler:
@@ -121,18 +123,24 @@ class Scheduler:
                 partial.append(req)  # prompt (or recompute) tokens, the last one included
             # left == 0: its last token is on its way (a step in flight finishes it)
         running = Status.RUNNING
+        any_spec = False
         for req in decodes:  # the common case, kept lean: 256 of these a step
             if budget == 0:
                 break
             if req.status is not running:
                 continue  # preempted earlier in this loop
             c = req.num_computed_tokens
-            if c + 1 > len(req.block_ids) * bs and not self._grow_or_preempt(req, c + 1, scheduled, preempted):
+            k = len(req.spec_token_ids)
+            if k:  # drafts to verify: they ride with the last token, as far as the budget goes
+                k = min(k, budget - 1)
+                del req.spec_token_ids[k:]
+                any_spec = True
+            if c + 1 + k > len(req.block_ids) * bs and not self._grow_or_preempt(req, c + 1 + k, scheduled, preempted):
                 continue  # preempted itself
-            req.num_computed_tokens = c + 1
+            req.num_computed_tokens = c + 1 + k  # the drafts' KV too; verification rolls back what it rejects
             req.num_pending += 1  # a decode always samples
-            scheduled[req.request_id] = ScheduledRequest(req, 1, c, True, req.num_preemptions)
-            budget -= 1
+            scheduled[req.request_id] = ScheduledRequest(req, 1 + k, c, True, req.num_preemptions, k)
+            budget -= 1 + k
         num_decode_tokens = self.config.max_num_batched_tokens - budget
         # Prompts beside decodes are fed in bounded chunks: together they get at most `cap` tokens
         # a step, so they do not stretch the decodes' step.
@@ -192,7 +200,8 @@ class Scheduler:
         if self.config.enable_prefix_caching:
             fills = [s for s in items if s.end // bs > s.request.num_cached_blocks]
         total = self.config.max_num_batched_tokens - budget
-        return SchedulerOutput(items, num_decodes, preempted, fills, total, num_decode_tokens)
+        num_spec = sum(s.num_spec for s in items) if any_spec else 0
+        return SchedulerOutput(items, num_decodes, preempted, fills, total, num_decode_tokens, num_spec)
 
     def _scheduled(self, req: Request, n: int) -> ScheduledRequest:
         start = req.num_computed_tokens
@@ -202,6 +211,15 @@ class Scheduler:
             req.num_pending += 1
             req.prefilled = True  # from now on it decodes
         return ScheduledRequest(req, n, start, samples, req.num_preemptions)
+
+    def rollback(self, req: Request, rejected: int) -> None:
+        """Verification kept all but `rejected` of a step's drafts: their KV slots are free to be
+        overwritten, and blocks past what the known tokens need go back to the pool."""
+        req.num_computed_tokens -= rejected
+        keep = blocks_needed(req.num_tokens, self.config.block_size)
+        if len(req.block_ids) > keep:
+            self.allocator.free(req.block_ids[keep:])
+            del req.block_ids[keep:]
 
     def commit(self, sched: SchedulerOutput) -> None:
         """A step has run and its tokens are appended: offer the blocks it filled to the prefix cache."""

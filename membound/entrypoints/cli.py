@@ -94,6 +94,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "chunked: a seeded request gives the same tokens alone or under load (CPU only; slower prefill)",
     )
     g.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        help='speculative decoding, as vLLM\'s: \'{"method": "ngram", "num_speculative_tokens": 4, '
+        '"prompt_lookup_min": 2, "prompt_lookup_max": 4}\' (drafts from the sequence\'s own text; '
+        "steps then run one at a time)",
+    )
+    g.add_argument(
         "--attention-backend",
         default="auto",
         choices=["auto", "torch", "triton"],
@@ -139,7 +147,18 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         attention_backend=a.attention_backend,
         num_threads=a.num_threads,
         batch_invariant=a.batch_invariant,
+        speculative_config=a.speculative_config,
     )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text[:80]!r}")
+    return value
 
 
 def _mib_to_bytes(mib: float, flag: str) -> int:

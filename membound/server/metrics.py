@@ -55,6 +55,16 @@ class ServerMetrics:
         self.steps_ahead = counter(
             "membound:engine_steps_launched_ahead", "Steps launched before the previous step's tokens reached the host."
         )
+        # Speculative decoding, as vLLM names it.
+        self.spec_drafts = counter("membound:spec_decode_num_drafts", "Drafting steps (a sequence's drafts verified).")
+        self.spec_draft_tokens = counter("membound:spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted = counter("membound:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
+        self._spec_per_pos = Counter(
+            "membound:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft.",
+            [*labels, "position"],
+            registry=r,
+        )
         success = Counter(
             "membound:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=r
         )
@@ -106,6 +116,14 @@ class ServerMetrics:
         self.preemptions.inc(delta("num_preemptions"))
         self.steps.inc(delta("num_steps"))
         self.steps_ahead.inc(delta("num_steps_launched_ahead"))
+        self.spec_drafts.inc(delta("spec_num_drafts"))
+        self.spec_draft_tokens.inc(delta("spec_num_draft_tokens"))
+        self.spec_accepted.inc(delta("spec_num_accepted_tokens"))
+        before = prev.spec_accepted_per_pos if prev is not None else ()
+        for j, n in enumerate(stats.spec_accepted_per_pos):
+            d = n - (before[j] if j < len(before) else 0)
+            if d:
+                self._spec_per_pos.labels(self.model_name, str(j)).inc(d)
         self._last_stats = stats
 
     # ---------------------------------------------------------------- HTTP side
