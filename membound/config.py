@@ -33,8 +33,9 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
-    # A sequence whose drafts keep missing stops drafting: below this many accepted tokens per
-    # drafting step (over its last `adaptive_window` such steps) the verification costs more than it gives.
+    # A sequence drafts while 1 + its accepted drafts per drafting step (over its last
+    # `adaptive_window` such steps) beat the measured cost of a drafting step in plain steps, and
+    # at least 1 + this (engine/speculator.py).
     min_accepted_per_step: float = 0.5
     adaptive_window: int = 8
 

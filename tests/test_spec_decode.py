@@ -330,3 +330,28 @@ def test_the_server_reports_vllms_speculation_metrics(tmp_path):
         assert drafts > 0 and drafted >= drafts and 0 < accepted <= drafted and per_pos == accepted
     finally:
         assert srv.stop() == 0, srv.log_tail()
+
+
+def test_drafting_stops_where_it_does_not_pay_and_is_tried_again_later():
+    """Hand-computed: with drafting steps measured at 2x a plain step, a sequence must emit 2 tokens
+    per drafting step (1 accepted draft) to keep drafting; one that does not waits PROBE_EVERY steps."""
+    import types
+
+    from membound.config import SpeculativeConfig
+    from membound.engine import speculator as spec_mod
+
+    sp = spec_mod.NgramSpeculator(SpeculativeConfig(num_speculative_tokens=3, adaptive_window=4), 1024)
+    assert sp.cost_ratio == 1.0  # nothing measured: optimistic
+    sp.observe(False, 0.010)
+    sp.observe(True, 0.020)
+    assert sp.cost_ratio == pytest.approx(2.0)
+    good = types.SimpleNamespace(spec_history=[1, 2, 1, 0], spec_wait=0)  # 1 + 1.0 = 2.0 >= 2: pays
+    bad = types.SimpleNamespace(spec_history=[0, 1, 0, 1], spec_wait=0)  # 1 + 0.5 < 2
+    assert sp._pays(good, sp.cost_ratio)
+    tries = [sp._pays(bad, sp.cost_ratio) for _ in range(2 * spec_mod.PROBE_EVERY)]
+    assert tries.count(True) == 2 and tries[spec_mod.PROBE_EVERY - 1] and tries[-1]
+    new = types.SimpleNamespace(spec_history=[0], spec_wait=0)  # too new: everyone's recent acceptance
+    sp.recent_accepted = 3.0
+    assert sp._pays(new, sp.cost_ratio)
+    sp.recent_accepted = 0.2
+    assert [sp._pays(new, sp.cost_ratio) for _ in range(spec_mod.PROBE_UNJUDGED)].count(True) == 1

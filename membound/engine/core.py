@@ -128,6 +128,9 @@ class EngineCore:
                 outputs += self._finish(done)
         wait = self._wait
         t3 = time.perf_counter()
+        if self.speculator is not None and launched is not None and sched.num_tokens == sched.num_decode_tokens:
+            # A pure decode step: what it cost, with drafts or without (steps run one at a time).
+            self.speculator.observe(sched.num_spec_tokens > 0, t3 - t0)
         self.last_timing = StepTiming(
             schedule=t1 - t0,
             prepare=launched.prepare_s if launched else 0.0,

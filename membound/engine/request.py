@@ -64,7 +64,7 @@ class Request:
         "grammar",
         "spec_token_ids",
         "spec_history",
-        "spec_off",
+        "spec_wait",
     )
 
     def __init__(
@@ -115,10 +115,10 @@ class Request:
         self.sampling_flags = 0  # set by the input batch, which knows the vocabulary
         self.grammar = None  # structured outputs: the xgrammar matcher the engine gave it
         # Speculative decoding: drafts the next step verifies (set by the speculator each step), the
-        # accepted count of its recent drafting steps, and whether drafting stopped paying for it.
+        # accepted count of its recent drafting steps.
         self.spec_token_ids: list[int] = []
         self.spec_history: list[int] = []
-        self.spec_off = False
+        self.spec_wait = 0  # steps since drafting was found not to pay for it
 
     @property
     def num_tokens(self) -> int:

@@ -7,9 +7,13 @@ have drawn. Only sequences with plain sampling speculate (greedy, temperature, t
 penalties, logit bias, grammars, logprobs, min_tokens and seeds make their draws per position
 depend on the positions before, which the verification pass does not replay yet.
 
-Adaptive: a sequence whose last `adaptive_window` drafting steps accepted fewer than
-`min_accepted_per_step` tokens on average stops drafting (its verification rows cost more than
-they give); one with no n-gram match drafts nothing and costs nothing.
+Adaptive, per sequence and by measured cost: the engine keeps moving averages of how long pure
+decode steps take with drafts to verify and without (their ratio r: verification rows are not
+free; on CPU the int4 kernel takes rows four at a time, and at batch 16 the drafts' rows add to
+16). A sequence drafts while it emits more tokens per drafting step than r (1 + its accepted drafts
+over its last `adaptive_window` drafting steps, or, until it has that many, everyone's lately);
+below that it stops, and tries one drafting step again every PROBE_EVERY steps (PROBE_UNJUDGED
+before it has a history). One with no n-gram match drafts nothing and costs nothing.
 """
 
 from __future__ import annotations
@@ -20,27 +24,65 @@ from membound.config import SpeculativeConfig
 from membound.engine.ngram_proposer import propose_ngram
 from membound.engine.request import SPECIAL, Request, Status
 
+PROBE_EVERY = 64  # steps a sequence whose drafting does not pay waits before it tries again
+PROBE_UNJUDGED = 32  # the same for a sequence with too few drafting steps of its own to judge
+_EMA = 0.2  # weight of the newest step in the step-time averages
+
 
 class NgramSpeculator:
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
+        # Moving averages of pure decode steps' seconds, with drafts and without (None: none seen yet).
+        self.step_drafting: float | None = None
+        self.step_plain: float | None = None
         self.num_drafts = 0  # drafting steps (one per sequence and step that verified drafts)
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
         self.accepted_per_pos = [0] * config.num_speculative_tokens  # drafts accepted at position j
+        # Accepted drafts per drafting step lately, over all sequences (optimistic at first): what a
+        # sequence too new to judge by its own drafts is expected to get.
+        self.recent_accepted = float(config.num_speculative_tokens)
+
+    @property
+    def cost_ratio(self) -> float:
+        """What a decode step with drafts costs in decode steps without (1 until both were seen)."""
+        d, p = self.step_drafting, self.step_plain
+        return 1.0 if d is None or p is None or p <= 0 else d / p
 
     def propose(self, requests: Iterable[Request]) -> None:
         c = self.config
+        ratio = self.cost_ratio
         for req in requests:
             req.spec_token_ids = []
-            if req.spec_off or not self._may_speculate(req):
+            if not self._may_speculate(req) or not self._pays(req, ratio):
                 continue
             # Room: the output's remaining length (the step also emits one token of its own) and the context.
             k = min(c.num_speculative_tokens, req.max_output - req.num_output_tokens - 1)
             k = min(k, self.max_model_len - req.num_tokens)
             if k > 0:
                 req.spec_token_ids = propose_ngram(req.token_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+
+    def _pays(self, req: Request, ratio: float) -> bool:
+        h, w = req.spec_history, self.config.adaptive_window
+        # Judged by its own drafts once it has enough of them; until then by everyone's lately.
+        accepted = sum(h) / len(h) if len(h) >= w else self.recent_accepted
+        if 1 + accepted >= max(ratio, 1 + self.config.min_accepted_per_step):
+            return True
+        req.spec_wait += 1  # not paying: wait, then try one drafting step again
+        if req.spec_wait >= (PROBE_EVERY if len(h) >= w else PROBE_UNJUDGED):
+            req.spec_wait = 0
+            return True
+        return False
+
+    def observe(self, drafted: bool, seconds: float) -> None:
+        """A pure decode step (no prompt tokens) took `seconds`."""
+        if drafted:
+            old = self.step_drafting
+            self.step_drafting = seconds if old is None else old + _EMA * (seconds - old)
+        else:
+            old = self.step_plain
+            self.step_plain = seconds if old is None else old + _EMA * (seconds - old)
 
     @staticmethod
     def _may_speculate(req: Request) -> bool:
@@ -60,11 +102,9 @@ class NgramSpeculator:
         self.num_accepted_tokens += accepted
         for j in range(accepted):
             self.accepted_per_pos[j] += 1
-        w = self.config.adaptive_window
+        self.recent_accepted += 0.1 * (accepted - self.recent_accepted)
         req.spec_history.append(accepted)
-        del req.spec_history[:-w]
-        if len(req.spec_history) == w and sum(req.spec_history) < self.config.min_accepted_per_step * w:
-            req.spec_off = True
+        del req.spec_history[: -self.config.adaptive_window]
 
     @property
     def mean_acceptance_length(self) -> float:
