@@ -355,3 +355,13 @@ def test_drafting_stops_where_it_does_not_pay_and_is_tried_again_later():
     assert sp._pays(new, sp.cost_ratio)
     sp.recent_accepted = 0.2
     assert [sp._pays(new, sp.cost_ratio) for _ in range(spec_mod.PROBE_UNJUDGED)].count(True) == 1
+
+
+def test_bench_throughput_reports_the_mean_acceptance_length(tiny_spec_engine):
+    from membound.bench import throughput
+
+    work = [throughput.WorkItem([(5 * i) % 17 + 1 for i in range(30)], 24) for _ in range(3)]
+    out = throughput.run_membound(tiny_spec_engine, work, progress=False)
+    assert out["output_tokens"] == 72 and out["spec_drafting_steps"] > 0
+    assert 0 <= out["spec_accepted_tokens"] <= out["spec_draft_tokens"]
+    assert out["mean_acceptance_length"] == pytest.approx(1 + out["spec_accepted_tokens"] / out["spec_drafting_steps"])

@@ -124,8 +124,13 @@ def cmd_latency(a, engine_config) -> int:
     longest = max(max(cfg.contexts) + cfg.decode_steps + 2, max(cfg.prompt_lens) + 1)
     engine = _engine(a, engine_config, longest)
     ceil = common.device_ceilings(engine.device, engine.dtype, a.remeasure)
+    before = engine.stats()
     with common.NvmlSampler(engine.device) as nvml:
         out = latency.run(engine, cfg, ceil, progress=not a.no_progress)
+    if engine.config.speculative_config is not None:
+        from membound.bench.throughput import spec_stats
+
+        out["speculative"] = spec_stats(before, engine.stats())
     result = {"record": common.run_record(engine), "ceilings": dataclasses.asdict(ceil), **out, "nvml": nvml.summary()}
     text = [
         f"{result['record']['model']} ({result['record']['dtype']}) on {result['record']['device']}: "
@@ -150,6 +155,13 @@ def cmd_latency(a, engine_config) -> int:
             ],
         ),  # fmt: skip
     ]
+    if "speculative" in out:
+        sp = out["speculative"]
+        mal = sp["mean_acceptance_length"]
+        text.append(
+            f"speculative decoding: {sp['spec_drafting_steps']} drafting steps, mean acceptance length "
+            + (f"{mal:.2f}" if mal is not None else "- (no drafts: random prompts rarely repeat)")
+        )
     skipped = [p for p in out["decode"] if "skipped" in p]
     if skipped:
         text.append(f"skipped {len(skipped)} points that do not fit, e.g. {skipped[0]['skipped']}")
@@ -188,6 +200,15 @@ def cmd_throughput(a, engine_config) -> int:
     )  # fmt: skip
     if "ratio_output_tok_s" in result:
         text += f"\nmembound / hf output tok/s: {result['ratio_output_tok_s']:.2f}x"
+    m = runs["membound"]
+    if m.get("spec_drafting_steps") is not None:
+        mal = m["mean_acceptance_length"]
+        text += (
+            f"\nspeculative decoding: {m['spec_drafting_steps']} drafting steps, {m['spec_accepted_tokens']} of "
+            f"{m['spec_draft_tokens']} drafts accepted, mean acceptance length {mal:.2f}"
+            if mal is not None
+            else "\nspeculative decoding: no drafts (nothing matched, or drafting did not pay)"
+        )
     return _finish(a, result, text, plots.throughput_plot)
 
 

@@ -111,6 +111,7 @@ def run_membound(engine: LLMEngine, work: list[WorkItem], progress: bool = True)
     for i, w in enumerate(work):
         engine.add_request(f"tp{i}", w.prompt, SamplingParams(temperature=0, max_tokens=w.output_len, ignore_eos=True))
     done = 0
+    before = engine.stats()
     t = time.perf_counter()
     with tqdm(total=len(work), desc="membound", unit="req", disable=not progress) as bar:
         while engine.has_unfinished_requests():
@@ -119,7 +120,23 @@ def run_membound(engine: LLMEngine, work: list[WorkItem], progress: bool = True)
             bar.update(finished)
     if engine.device.type == "cuda":
         torch.cuda.synchronize(engine.device)
-    return _summary(time.perf_counter() - t, work)
+    out = _summary(time.perf_counter() - t, work)
+    if engine.config.speculative_config is not None:
+        out.update(spec_stats(before, engine.stats()))
+    return out
+
+
+def spec_stats(before, after) -> dict:
+    """Speculative decoding over a run: drafting steps, drafts, and the mean acceptance length
+    (tokens emitted per drafting step: accepted drafts + the target's own)."""
+    drafts = after.spec_num_drafts - before.spec_num_drafts
+    accepted = after.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+    return {
+        "spec_drafting_steps": drafts,
+        "spec_draft_tokens": after.spec_num_draft_tokens - before.spec_num_draft_tokens,
+        "spec_accepted_tokens": accepted,
+        "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
+    }
 
 
 @torch.inference_mode()
