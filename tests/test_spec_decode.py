@@ -3,9 +3,12 @@ what it should."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import re
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -119,6 +122,19 @@ def test_ngram_min_n_one_matches_a_single_token():
 
 
 # ------------------------------------------------------------------------------------ engine
+
+
+@contextlib.contextmanager
+def forced_drafts(make):
+    """Every sequence that may speculate drafts make(tokens, k), whatever it pays."""
+    from membound.engine import speculator
+
+    with (
+        mock.patch.object(speculator, "propose_ngram", lambda t, k, lo, hi: list(make(list(t), k))),
+        mock.patch.object(speculator.NgramSpeculator, "_pays", lambda self, req, ratio: True),
+    ):
+        yield
+
 
 GROUNDED = [
     "Repeat this text exactly:\nThe quick brown fox jumps over the lazy dog. The quick brown fox jumps over "
@@ -250,13 +266,20 @@ def tiny_spec_engine(tmp_path_factory):
     )
 )
 def test_blocks_are_owned_once_and_all_come_back_under_speculation(tiny_spec_engine, ops):
-    """Adds, aborts and steps in any order, sampled and greedy, with drafts accepted and rejected:
-    every block's reference count is the number of requests holding it, and once all are done
-    every block is free."""
+    """Adds, aborts and steps in any order, sampled and greedy, with drafts accepted and (forced
+    drafts of a repeated token) mostly rejected: every block's reference count is the number of
+    requests holding it, the device block table matches each request's blocks after rollbacks, and
+    once all are done every block is free."""
+    with forced_drafts(lambda t, k: [t[-1]] * k):
+        _ops_hold_block_invariants(tiny_spec_engine, ops)
+
+
+def _ops_hold_block_invariants(tiny_spec_engine, ops):
     from membound import SamplingParams
 
     eng = tiny_spec_engine
     pool = eng.allocator
+    table = eng.core.input_batch.block_table
     ids = 0
 
     def check():
@@ -264,6 +287,8 @@ def test_blocks_are_owned_once_and_all_come_back_under_speculation(tiny_spec_eng
         for req in eng.core.requests.values():
             for b in req.block_ids:
                 holders[b] = holders.get(b, 0) + 1
+            if req.slot is not None and req.block_ids and req.num_computed_tokens:  # what the kernels read
+                assert table[req.slot, : len(req.block_ids)].tolist() == req.block_ids, req.request_id
         for b in range(pool.num_blocks):
             assert pool.ref_count(b) == holders.get(b, 0), b
 
@@ -340,7 +365,7 @@ def test_drafting_stops_where_it_does_not_pay_and_is_tried_again_later():
     from membound.config import SpeculativeConfig
     from membound.engine import speculator as spec_mod
 
-    sp = spec_mod.NgramSpeculator(SpeculativeConfig(num_speculative_tokens=3, adaptive_window=4), 1024)
+    sp = spec_mod.NgramSpeculator(SpeculativeConfig(num_speculative_tokens=3, adaptive_window=4))
     assert sp.cost_ratio == 1.0  # nothing measured: optimistic
     sp.observe(False, 0.010)
     sp.observe(True, 0.020)
@@ -357,11 +382,135 @@ def test_drafting_stops_where_it_does_not_pay_and_is_tried_again_later():
     assert [sp._pays(new, sp.cost_ratio) for _ in range(spec_mod.PROBE_UNJUDGED)].count(True) == 1
 
 
-def test_bench_throughput_reports_the_mean_acceptance_length(tiny_spec_engine):
+def test_bench_throughput_reports_the_mean_acceptance_length(tmp_path):
     from membound.bench import throughput
 
+    engine = _tiny(tmp_path, 20, max_num_seqs=4, max_num_batched_tokens=24, speculative_config=SPEC)
     work = [throughput.WorkItem([(5 * i) % 17 + 1 for i in range(30)], 24) for _ in range(3)]
-    out = throughput.run_membound(tiny_spec_engine, work, progress=False)
+    with forced_drafts(lambda t, k: [t[-1]] * k):  # kept or not, some drafts to count
+        out = throughput.run_membound(engine, work, progress=False)
     assert out["output_tokens"] == 72 and out["spec_drafting_steps"] > 0
     assert 0 <= out["spec_accepted_tokens"] <= out["spec_draft_tokens"]
     assert out["mean_acceptance_length"] == pytest.approx(1 + out["spec_accepted_tokens"] / out["spec_drafting_steps"])
+
+
+def _tiny(tmp_path, blocks: int, **kw):
+    from membound.config import EngineConfig
+    from membound.engine.llm_engine import LLMEngine
+    from tests.conftest import TINY_BLOCK, TINY_KV_BYTES_PER_TOKEN, write_tiny_config
+
+    path = write_tiny_config(tmp_path / "cfg", initializer_range=0.3)  # peaked: drafts get accepted
+    return LLMEngine(
+        EngineConfig(
+            model=str(path), load_format="dummy", skip_tokenizer_init=True, dtype="float32",
+            kv_cache_memory_bytes=blocks * TINY_BLOCK * TINY_KV_BYTES_PER_TOKEN, **{"max_model_len": 128, **kw},
+        )
+    )  # fmt: skip
+
+
+def _drain(eng) -> dict:
+    outs = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                outs[o.request_id] = tuple(o.outputs[0].token_ids)
+    return outs
+
+
+def test_drafts_never_take_another_sequences_token_nor_preempt_it(tmp_path):
+    """Four one-token prompts, a step budget of 6 and a pool that just fits their outputs: drafts
+    get only what the decodes leave, so every sequence decodes every step, and no one is preempted
+    to make room for a draft."""
+    from membound import SamplingParams
+
+    kw = dict(max_num_seqs=4, max_num_batched_tokens=6, speculative_config=SPEC)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    from tests.conftest import TINY_BLOCK
+
+    blocks = 4 * -(-30 // TINY_BLOCK)  # each computes 30 positions (its prompt and 29 outputs): no more
+    plain = _tiny(tmp_path / "a", blocks, **{**kw, "speculative_config": None})
+    spec = _tiny(tmp_path / "b", blocks, **kw)
+    for e in (plain, spec):
+        for i in range(4):
+            e.add_request(f"r{i}", [5 + i], params)
+    want = _drain(plain)
+    sched = spec.core.scheduler
+    seen = []
+    orig = sched.schedule
+
+    def schedule():
+        decoding = {r.request_id for r in sched.running if r.in_running and r.prefilled}
+        out = orig()
+        seen.append((decoding, {s.request.request_id for s in out.scheduled}, out.num_spec_tokens))
+        return out
+
+    # Drafts (of the last token) once all four are decoding.
+    with forced_drafts(lambda t, k: [t[-1]] * k if len(t) > 2 else []), mock.patch.object(sched, "schedule", schedule):
+        got = _drain(spec)
+    assert got == want
+    assert all(want_ <= got_ for want_, got_, _ in seen)  # every decoding sequence got its row, every step
+    assert sum(n for *_, n in seen) > 0  # and drafts rode along where the budget allowed
+    assert spec.stats().num_preemptions == plain.stats().num_preemptions
+
+
+def test_sampled_requests_keep_their_distribution_with_drafts(tmp_path):
+    """Engine level: 1,500 sampled requests with drafts forced along the greedy path (often kept,
+    sometimes not) vs 1,500 without: the tokens at each position are alike (chi-square), for plain
+    temperature and for top-k + top-p."""
+    from scipy.stats import chi2_contingency
+
+    from membound import SamplingParams
+
+    kw = dict(max_num_seqs=64, max_num_batched_tokens=512)
+    prompt = [3, 17, 42, 9, 77, 5, 61, 23]
+    probe = _tiny(tmp_path / "g", 600, **kw)
+    probe.add_request("g", prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    path = prompt + list(_drain(probe)["g"])
+
+    def along_greedy(t, k):  # the greedy continuation while on it, else a draft that mostly misses
+        n = len(t)
+        return path[n : n + k] if t == path[:n] else [path[len(prompt)]] * k
+
+    n, steps = 1500, 4
+    for i, params in enumerate(
+        (
+            SamplingParams(temperature=0.15, max_tokens=steps, ignore_eos=True),
+            SamplingParams(temperature=0.25, top_k=4, top_p=0.8, max_tokens=steps, ignore_eos=True),
+        )
+    ):
+        plain = _tiny(tmp_path / f"p{i}", 600, **kw)
+        spec = _tiny(tmp_path / f"s{i}", 600, **kw, speculative_config=SPEC)  # (seed: the same dummy weights)
+        spec.runner.generator.manual_seed(1234)  # independent draws from the plain engine's
+        for e in (plain, spec):
+            for j in range(n):
+                e.add_request(f"q{j}", prompt, params)
+        a = list(_drain(plain).values())
+        with forced_drafts(along_greedy):
+            b = list(_drain(spec).values())
+        sp = spec.core.speculator
+        assert 0 < sp.num_accepted_tokens < sp.num_draft_tokens  # drafts were kept and rejected
+        for pos in range(steps):
+            ca, cb = collections.Counter(x[pos] for x in a), collections.Counter(x[pos] for x in b)
+            keys = [k for k in set(ca) | set(cb) if ca[k] + cb[k] >= 10]
+            if len(keys) < 2:
+                continue
+            p = chi2_contingency([[ca[k] for k in keys], [cb[k] for k in keys]])[1]
+            assert p > 1e-3, (i, pos, p)
+
+
+def test_a_draft_never_preempts_a_request_the_plain_schedule_keeps(tmp_path):
+    """A 4-block pool, a 30-token prompt decoding and a short one beside it: drafts may only use
+    blocks that are free; without that check they evicted the short request (3 preemptions)."""
+    from membound import SamplingParams
+
+    def run(spec: bool) -> tuple:
+        kw = dict(max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False, max_model_len=64)
+        e = _tiny(tmp_path / str(spec), 4, **kw, **({"speculative_config": SPEC} if spec else {}))
+        e.add_request("long", [5, 6, 7, 8, 9] * 6, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        e.add_request("short", [11, 12] * 10, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        return _drain(e), e.stats().num_preemptions
+
+    want, plain_preemptions = run(False)
+    with forced_drafts(lambda t, k: [t[-1]] * k):
+        got, spec_preemptions = run(True)
+    assert got == want and spec_preemptions == plain_preemptions

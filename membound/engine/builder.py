@@ -176,7 +176,7 @@ def build_engine(config: EngineConfig) -> EngineParts:
     # Overlap host and device work where there is a device to overlap with.
     async_scheduling = device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
     spec = config.speculative_config
-    speculator = NgramSpeculator(spec, max_model_len) if spec is not None else None
+    speculator = NgramSpeculator(spec) if spec is not None else None
     core = EngineCore(scheduler, runner, input_batch, async_scheduling, threads, speculator)
     log.info(
         "loaded %s (%s, %s) on %s in %.1fs; %s",

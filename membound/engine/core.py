@@ -86,6 +86,7 @@ class EngineCore:
 
     def step(self) -> list[RequestOutput]:
         early: list[RequestOutput] = []
+        early_s = 0.0  # processing the step in flight before this one samples (grammars under launch-ahead)
         self._wait = 0.0
         sync = not self.async_scheduling
         if sync and self._inflight is not None:
@@ -93,7 +94,7 @@ class EngineCore:
             early = self._finish(done)
         t0 = time.perf_counter()
         if self.speculator is not None:
-            self.speculator.propose(self.requests.values())
+            self.speculator.propose(self.requests.values())  # (contained per request inside)
         sched = self.scheduler.schedule()
         for victim in sched.preempted:
             self.input_batch.release(victim)
@@ -112,8 +113,10 @@ class EngineCore:
                 # A grammar's mask needs the token the step in flight is sampling: that step is
                 # processed now, while the device runs this forward, and the masks fill after it.
                 done, self._inflight = self._inflight, None
+                e0 = time.perf_counter()
                 try:
                     early += self._finish(done)
+                    early_s += time.perf_counter() - e0  # its wait is in self._wait, the rest is output
                 except BaseException:
                     self._abandon(fwd, RuntimeError("the step before it failed"))
                     raise
@@ -136,7 +139,7 @@ class EngineCore:
             prepare=launched.prepare_s if launched else 0.0,
             launch=launched.launch_s if launched else 0.0,
             wait=wait,
-            output=t3 - t2 - wait,
+            output=t3 - t2 + early_s - wait,
         )
         return early + outputs
 

@@ -124,17 +124,21 @@ class Scheduler:
             # left == 0: its last token is on its way (a step in flight finishes it)
         running = Status.RUNNING
         any_spec = False
+        later = len(decodes)  # decodes after this one: each keeps its one token of the budget
         for req in decodes:  # the common case, kept lean: 256 of these a step
+            later -= 1
             if budget == 0:
                 break
             if req.status is not running:
                 continue  # preempted earlier in this loop
             c = req.num_computed_tokens
             k = len(req.spec_token_ids)
-            if k:  # drafts to verify: they ride with the last token, as far as the budget goes
-                k = min(k, budget - 1)
+            if k:  # drafts ride with the last token in what is left of the budget and of free blocks:
+                # they never take another sequence's token, nor preempt anyone
+                room = (len(req.block_ids) + self.allocator.num_free) * bs - (c + 1)
+                k = max(0, min(k, budget - 1 - later, room))
                 del req.spec_token_ids[k:]
-                any_spec = True
+                any_spec = any_spec or k > 0
             if c + 1 + k > len(req.block_ids) * bs and not self._grow_or_preempt(req, c + 1 + k, scheduled, preempted):
                 continue  # preempted itself
             req.num_computed_tokens = c + 1 + k  # the drafts' KV too; verification rolls back what it rejects

@@ -18,11 +18,14 @@ before it has a history). One with no n-gram match drafts nothing and costs noth
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from membound.config import SpeculativeConfig
 from membound.engine.ngram_proposer import propose_ngram
 from membound.engine.request import SPECIAL, Request, Status
+
+log = logging.getLogger("membound")
 
 PROBE_EVERY = 64  # steps a sequence whose drafting does not pay waits before it tries again
 PROBE_UNJUDGED = 32  # the same for a sequence with too few drafting steps of its own to judge
@@ -30,9 +33,8 @@ _EMA = 0.2  # weight of the newest step in the step-time averages
 
 
 class NgramSpeculator:
-    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+    def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
-        self.max_model_len = max_model_len
         # Moving averages of pure decode steps' seconds, with drafts and without (None: none seen yet).
         self.step_drafting: float | None = None
         self.step_plain: float | None = None
@@ -58,10 +60,15 @@ class NgramSpeculator:
             if not self._may_speculate(req) or not self._pays(req, ratio):
                 continue
             # Room: the output's remaining length (the step also emits one token of its own) and the context.
+            # (max_output already keeps prompt + output within max_model_len.)
             k = min(c.num_speculative_tokens, req.max_output - req.num_output_tokens - 1)
-            k = min(k, self.max_model_len - req.num_tokens)
-            if k > 0:
+            if k <= 0:
+                continue
+            try:
                 req.spec_token_ids = propose_ngram(req.token_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+            except Exception as e:  # noqa: BLE001 - a drafting bug costs this sequence its drafts, nothing more
+                log.warning("drafting for %s failed (%s: %s); it decodes without drafts", req.request_id,
+                            type(e).__name__, e)  # fmt: skip
 
     def _pays(self, req: Request, ratio: float) -> bool:
         h, w = req.spec_history, self.config.adaptive_window
