@@ -514,3 +514,32 @@ def test_a_draft_never_preempts_a_request_the_plain_schedule_keeps(tmp_path):
     with forced_drafts(lambda t, k: [t[-1]] * k):
         got, spec_preemptions = run(True)
     assert got == want and spec_preemptions == plain_preemptions
+
+
+def _ngram_reference(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The definition, in plain Python: the longest suffix (max_n down to min_n) seen before, the
+    tokens after its most recent earlier occurrence."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n :]
+        for start in range(length - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.integers(0, 4), max_size=40),
+    st.integers(1, 4),
+    st.sampled_from([(1, 3), (2, 4), (3, 3), (1, 1)]),
+)
+def test_ngram_proposer_matches_its_definition_and_its_buffer_extends(tokens, k, bounds):
+    from membound.engine.ngram_proposer import TokenBuffer
+
+    lo, hi = bounds
+    assert propose_ngram(tokens, k, lo, hi) == _ngram_reference(tokens, k, lo, hi)
+    buf = TokenBuffer()  # grown a piece at a time, as a request's tokens arrive
+    for end in range(0, len(tokens) + 1, 7):
+        buf.sync(tokens[:end])
+    assert buf.sync(tokens).tolist() == tokens

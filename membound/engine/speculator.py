@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable
 
 from membound.config import SpeculativeConfig
-from membound.engine.ngram_proposer import propose_ngram
+from membound.engine.ngram_proposer import TokenBuffer, propose_ngram
 from membound.engine.request import SPECIAL, Request, Status
 
 log = logging.getLogger("membound")
@@ -45,6 +45,7 @@ class NgramSpeculator:
         # Accepted drafts per drafting step lately, over all sequences (optimistic at first): what a
         # sequence too new to judge by its own drafts is expected to get.
         self.recent_accepted = float(config.num_speculative_tokens)
+        self._buffers: dict[str, TokenBuffer] = {}  # each live request's tokens as a numpy array
 
     @property
     def cost_ratio(self) -> float:
@@ -55,6 +56,10 @@ class NgramSpeculator:
     def propose(self, requests: Iterable[Request]) -> None:
         c = self.config
         ratio = self.cost_ratio
+        requests = list(requests)
+        if len(self._buffers) > len(requests):  # finished and aborted requests' buffers go
+            live = {r.request_id for r in requests}
+            self._buffers = {rid: b for rid, b in self._buffers.items() if rid in live}
         for req in requests:
             req.spec_token_ids = []
             if not self._may_speculate(req) or not self._pays(req, ratio):
@@ -65,7 +70,11 @@ class NgramSpeculator:
             if k <= 0:
                 continue
             try:
-                req.spec_token_ids = propose_ngram(req.token_ids, k, c.prompt_lookup_min, c.prompt_lookup_max)
+                buf = self._buffers.get(req.request_id)
+                if buf is None:
+                    buf = self._buffers[req.request_id] = TokenBuffer()
+                tokens = buf.sync(req.token_ids)
+                req.spec_token_ids = propose_ngram(tokens, k, c.prompt_lookup_min, c.prompt_lookup_max)
             except Exception as e:  # noqa: BLE001 - a drafting bug costs this sequence its drafts, nothing more
                 log.warning("drafting for %s failed (%s: %s); it decodes without drafts", req.request_id,
                             type(e).__name__, e)  # fmt: skip
