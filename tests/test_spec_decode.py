@@ -543,3 +543,21 @@ def test_ngram_proposer_matches_its_definition_and_its_buffer_extends(tokens, k,
     for end in range(0, len(tokens) + 1, 7):
         buf.sync(tokens[:end])
     assert buf.sync(tokens).tolist() == tokens
+
+
+def test_logprobs_requests_speculate_and_report_what_each_position_emitted(smol_spec, smol_plain):
+    """Each verified token's logprob, rank and top-2 come from the row that scored it: the same as
+    without speculation (fp32, 1e-4)."""
+    from membound import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=40, logprobs=2)
+    sp = smol_spec.engine.core.speculator
+    before = sp.num_accepted_tokens
+    got = smol_spec.generate(GROUNDED[0], params)[0].outputs[0]
+    assert sp.num_accepted_tokens > before  # it speculated
+    want = smol_plain.generate(GROUNDED[0], params)[0].outputs[0]
+    assert got.token_ids == want.token_ids
+    for a, b, t in zip(got.logprobs, want.logprobs, got.token_ids, strict=True):
+        assert list(a) == list(b) and a[t].rank == b[t].rank
+        assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-4)
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-3)

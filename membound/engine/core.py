@@ -177,13 +177,13 @@ class EngineCore:
                 tokens = result.token_ids[first : first + result.emitted[first]] if k else [result.token_ids[first]]
                 if req.metrics.first_token_time is None:
                     req.metrics.first_token_time = now
-                for token in tokens:
+                for r, token in enumerate(tokens, first):  # a verified run: row r emitted this token
                     lp = None
-                    if want_lp and req.logprobs is not None:  # (speculating rows ask for none)
+                    if want_lp and req.logprobs is not None:
                         n = req.params.logprobs
                         lp = position_logprobs(
-                            token, result.logprobs[first], result.ranks[first],
-                            result.top_ids[first][:n], result.top_logprobs[first][:n], req.token_text,
+                            token, result.logprobs[r], result.ranks[r],
+                            result.top_ids[r][:n], result.top_logprobs[r][:n], req.token_text,
                         )  # fmt: skip
                     try:
                         append_token(req, token, lp)

@@ -160,8 +160,11 @@ class ModelRunner:
                 spec_rows[r : r + k + 1] = True
             if result.dim() == 1:
                 result = torch.stack([torch.where(spec_rows, tokens, result), emitted], dim=1)
-            else:
+            else:  # logprobs: each verification row reports the token it emits (its top-k stands)
+                chosen, rank, _, _ = score_tokens(logits, tokens, 0)
                 result[:, 0] = torch.where(spec_rows, tokens.float(), result[:, 0])
+                result[:, 1] = torch.where(spec_rows, chosen, result[:, 1])
+                result[:, 2] = torch.where(spec_rows, rank.float(), result[:, 2])
                 result = torch.cat([result, emitted.float()[:, None]], dim=1)
         ids = result if result.dim() == 1 else result[:, 0].long()
         self.input_batch.write_tokens(fwd.sample_slots, ids)

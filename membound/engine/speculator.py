@@ -3,9 +3,9 @@
 Before each step the speculator gives every decoding sequence that may speculate up to k draft
 tokens (`Request.spec_token_ids`); the scheduler schedules them beside the sequence's last token,
 the model scores all of them in one pass, and the rejection sampler keeps what the target would
-have drawn. Only sequences with plain sampling speculate (greedy, temperature, top-k/p, min-p):
-penalties, logit bias, grammars, logprobs, min_tokens and seeds make their draws per position
-depend on the positions before, which the verification pass does not replay yet.
+have drawn. Only sequences with plain draws speculate (greedy, temperature, top-k/p, min-p; logprobs too):
+penalties, logit bias, grammars, min_tokens and seeds make their draws per position depend on
+the positions before or on a stream of their own, which the verification pass does not replay yet.
 
 Adaptive, per sequence and by measured cost: the engine keeps moving averages of how long pure
 decode steps take with drafts to verify and without (their ratio r: verification rows are not
@@ -23,7 +23,7 @@ from collections.abc import Iterable
 
 from membound.config import SpeculativeConfig
 from membound.engine.ngram_proposer import TokenBuffer, propose_ngram
-from membound.engine.request import SPECIAL, Request, Status
+from membound.engine.request import Request, Status
 
 log = logging.getLogger("membound")
 
@@ -108,7 +108,7 @@ class NgramSpeculator:
             and req.prefilled
             and req.num_pending == 0
             and req.num_computed_tokens == req.num_tokens - 1
-            and not req.sampling_flags & SPECIAL
+            and _plain_draws(req)
         )
 
     def record(self, req: Request, drafted: int, accepted: int) -> None:
@@ -126,3 +126,13 @@ class NgramSpeculator:
     def mean_acceptance_length(self) -> float:
         """Tokens emitted per drafting step (accepted drafts + the one the target adds)."""
         return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+def _plain_draws(req: Request) -> bool:
+    """Its draw at a position depends on nothing but that position's logits (and the engine's
+    random stream): no penalties, bias, grammar, banned tokens or own seed. Logprobs are fine:
+    every verification row reports its own."""
+    p = req.params
+    return not (
+        p.uses_penalties or p.min_tokens or p.logit_bias or req.generator is not None or req.grammar is not None
+    )
