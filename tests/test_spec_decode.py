@@ -561,3 +561,30 @@ def test_logprobs_requests_speculate_and_report_what_each_position_emitted(smol_
         assert list(a) == list(b) and a[t].rank == b[t].rank
         assert [x.logprob for x in a.values()] == pytest.approx([x.logprob for x in b.values()], abs=1e-4)
     assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-3)
+
+
+def test_the_memory_profile_runs_the_verification_shapes(tmp_path):
+    """On CUDA the activation peak is measured over the worst steps; with speculation they hold
+    max_num_seqs x (k + 1) sampling rows and a verification. The same code, run here on CPU."""
+    from membound.engine.builder import run_profile_steps
+    from membound.engine.kv_cache import allocate_kv_cache, blocks_needed
+    from membound.engine.warmup import synthetic_metadata
+
+    eng = _tiny(tmp_path, 20, max_num_seqs=4, max_num_batched_tokens=32, speculative_config=SPEC)
+    cfg, bs, max_len = eng.config, eng.config.block_size, 64
+    scratch = blocks_needed(32, bs) + 1
+    caches = allocate_kv_cache(eng.kv_spec, scratch, eng.device)
+    table = [i % scratch for i in range(blocks_needed(max_len, bs))]
+    shapes = []
+
+    def meta(q_lens):
+        shapes.append(list(q_lens))
+        return synthetic_metadata(eng.model.attention_backend, q_lens, max_len, table, bs, eng.device)
+
+    calls = []
+    with mock.patch("membound.engine.builder.verify_on_device", lambda *a: calls.append(a[2].spec)):
+        run_profile_steps(eng.model, cfg, 32, max_len, caches, meta, eng.device)
+    k = SPEC["num_speculative_tokens"]
+    assert shapes == [[32], [k + 1] * 4]  # a whole chunk, then 4 sequences verifying k drafts each
+    assert calls and all(len(spec) == 4 and all(d == k for _, d in spec) for spec in calls)
+    run_profile_steps(eng.model, cfg, 32, max_len, caches, meta, eng.device)  # and for real, without error

@@ -27,7 +27,7 @@ from membound.engine.input_batch import InputBatch, PenaltyRows
 from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_needed
 from membound.engine.memory import MemoryPlan, plan_memory
 from membound.engine.model_runner import ModelRunner
-from membound.engine.sampler import SamplingBatch, sample
+from membound.engine.sampler import SamplingBatch, sample, verify_on_device
 from membound.engine.scheduler import Scheduler, SchedulerConfig
 from membound.engine.speculator import NgramSpeculator
 from membound.engine.warmup import synthetic_metadata, warm_up_kernels
@@ -214,6 +214,29 @@ def profile_graph_memory(model, kv_spec: KVCacheSpec, config: EngineConfig, max_
 
 
 @torch.inference_mode()
+def run_profile_steps(model, config: EngineConfig, n: int, max_model_len: int, caches, meta, device) -> None:
+    """The worst steps' shapes (`profile_activation_peak`), on any device. With speculation every
+    drafting sequence has k + 1 sampling rows and they are verified too."""
+    spec = config.speculative_config
+    per_seq = 1 + (spec.num_speculative_tokens if spec is not None else 0)
+    rows = min(config.max_num_seqs * per_seq, n)
+    vocab = model.config.vocab_size
+    for q_lens in ([n], [per_seq] * max(1, min(config.max_num_seqs, n // per_seq))):
+        t = sum(q_lens)
+        ids = torch.zeros(t, dtype=torch.int64, device=device)
+        positions = torch.full((t,), max_model_len - 1, dtype=torch.int64, device=device)
+        hidden = model(ids, positions, caches, meta(q_lens))
+        r = min(rows, t)
+        logits = model.compute_logits(hidden[:r])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * r
+        batch = SamplingBatch.build(params, [None] * r, [[0]] * r, [1] * r, vocab, device)
+        sample(logits, batch, None)
+        if per_seq > 1 and r >= per_seq:
+            batch.spec = tuple((i, per_seq - 1) for i in range(0, r - per_seq + 1, per_seq))
+            verify_on_device(logits, ids[:r], batch, None)
+        del hidden, logits
+
+
 def profile_activation_peak(model, kv_spec: KVCacheSpec, config: EngineConfig, max_model_len: int, device) -> int:
     """Peak memory of the worst steps, measured (CUDA only; on CPU the KV budget is fixed).
 
@@ -236,18 +259,7 @@ def profile_activation_peak(model, kv_spec: KVCacheSpec, config: EngineConfig, m
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    rows = min(config.max_num_seqs, n)
-    vocab = model.config.vocab_size
-    for q_lens in ([n], [1] * rows):
-        t = sum(q_lens)
-        ids = torch.zeros(t, dtype=torch.int64, device=device)
-        positions = torch.full((t,), max_model_len - 1, dtype=torch.int64, device=device)
-        hidden = model(ids, positions, caches, meta(q_lens))
-        logits = model.compute_logits(hidden[:rows])
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * rows
-        batch = SamplingBatch.build(params, [None] * rows, [[0]] * rows, [1] * rows, vocab, device)
-        sample(logits, batch, None)
-        del hidden, logits
+    run_profile_steps(model, config, n, max_model_len, caches, meta, device)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
     del caches

@@ -248,7 +248,7 @@ def verify_on_device(
 def _target_probs(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> torch.Tensor:
     """The distribution each row samples from: one-hot at the argmax where greedy."""
     temperature = batch.temperature[rows]
-    greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    greedy = torch.zeros_like(logits, dtype=torch.float32).scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
     if batch.all_greedy:
         return greedy
     temp = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
