@@ -15,6 +15,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def tiny_server_args(model_dir, max_model_len: int, *extra: str) -> list[str]:
+    """`membound serve` arguments for a tiny test model: a small KV budget, stats every second."""
+    return [
+        "--model", str(model_dir), "--max-model-len", str(max_model_len), "--kv-cache-memory", "32",
+        "--log-interval", "1", *extra,
+    ]  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

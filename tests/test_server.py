@@ -14,23 +14,13 @@ import httpx
 import openai
 import pytest
 
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, tiny_server_args
 
 KEY = "sk-test"
 
 
 def _tiny_args(model_dir, *extra: str) -> list[str]:
-    return [
-        "--model",
-        str(model_dir),
-        "--max-model-len",
-        "256",
-        "--kv-cache-memory",
-        "32",
-        "--log-interval",
-        "1",
-        *extra,
-    ]
+    return tiny_server_args(model_dir, 256, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,11 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.server_utils import ServerProcess, free_port
+from tests.server_utils import ServerProcess, free_port, tiny_server_args
 
 
 def _args(model_dir, *extra: str) -> list[str]:
-    return [
-        "--model",
-        str(model_dir),
-        "--max-model-len",
-        "512",
-        "--kv-cache-memory",
-        "32",
-        "--log-interval",
-        "1",
-        *extra,
-    ]
+    return tiny_server_args(model_dir, 512, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from membound.entrypoints.cli import main
 from membound.model.registry import default_model_path
 from membound.model.tokenizer import Tokenizer
 from membound.server.tokenize import MAX_MODEL_LEN_FACTOR
-from tests.server_utils import ServerProcess
+from tests.server_utils import ServerProcess, tiny_server_args
 
 KEY = "sk-test"
 MAX_LEN = 256
@@ -44,17 +44,7 @@ CHATS = [
 
 
 def _tiny_args(model_dir, *extra: str) -> list[str]:
-    return [
-        "--model",
-        str(model_dir),
-        "--max-model-len",
-        str(MAX_LEN),
-        "--kv-cache-memory",
-        "32",
-        "--log-interval",
-        "1",
-        *extra,
-    ]
+    return tiny_server_args(model_dir, MAX_LEN, *extra)
 
 
 @pytest.fixture(scope="module")

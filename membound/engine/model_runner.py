@@ -26,6 +26,7 @@ from membound.engine.sampler import (
     verify_on_device,
 )
 from membound.engine.scheduler import SchedulerOutput
+from membound.engine.transfer import to_device
 from membound.model.llama import LlamaForCausalLM
 from membound.outputs import position_logprobs
 
@@ -155,9 +156,9 @@ class ModelRunner:
         result = sample_on_device(logits, batch, self.generator)
         if batch.spec:  # drafts verified: their rows hold what is emitted, a last column how many
             tokens, emitted = verify_on_device(logits, fwd.row_inputs, batch, self.generator)
+            rows = [r + j for r, k in batch.spec for j in range(k + 1)]
             spec_rows = torch.zeros_like(tokens, dtype=torch.bool)
-            for r, k in batch.spec:
-                spec_rows[r : r + k + 1] = True
+            spec_rows[to_device(rows, torch.int64, tokens.device)] = True  # one upload, not a write per sequence
             if result.dim() == 1:
                 result = torch.stack([torch.where(spec_rows, tokens, result), emitted], dim=1)
             else:  # logprobs: each verification row reports the token it emits (its top-k stands)
