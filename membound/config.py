@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -12,6 +13,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
 DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 QUANTIZATIONS = ("auto", "gguf", "none", "int8", "int4", "fp8")
+
+log = logging.getLogger("membound")
 
 
 # Prefill tokens per step beside running decodes, by device. CPU: measured with
@@ -92,7 +95,14 @@ class EngineConfig:
     # and the weights run on the packed kernels (which take bf16), else fp32 (see resolve_dtype).
     dtype: str = "auto"
     device: str = "auto"
-    max_model_len: int | None = None  # None: the model's own context length
+    # None: the model's own context length. "auto": the longest (whole blocks, at most the model's) at
+    # which target_concurrency sequences fit in the KV budget, chosen at start-up (costs.fit_context).
+    max_model_len: int | str | None = None
+    # max_model_len="auto" only: sequences that must fit at once at the chosen length (None: 1). With
+    # kv_cache_dtype "auto" the KV precision is chosen too: the run dtype if the model's full context
+    # fits, else the narrowest the attention backend reads (fp8 on PyTorch, int8 on Triton) if it
+    # allows a longer one. max_num_seqs is raised to it if lower.
+    target_concurrency: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None  # explicit KV budget; CPU default 2 GiB
@@ -115,7 +125,8 @@ class EngineConfig:
     # (quant/gguf_blocks.py). none (or None): dequantize everything to `dtype`. int8 / int4 / fp8:
     # decoder-layer weights quantized at load by round-to-nearest (int4 on a Q4 GGUF: its blocks).
     quantization: str | None = "auto"
-    # auto: the run dtype; fp8: float8 e4m3 (scale 1); int8: codes + an fp32 scale per token and head
+    # auto: the run dtype (max_model_len="auto" may choose a narrower one: target_concurrency);
+    # fp8: float8 e4m3 (scale 1); int8: codes + an fp32 scale per token and head
     kv_cache_dtype: str = "auto"
     # CPU intra-op threads. None: the cores this process may use (affinity mask, cgroup quota), one
     # fewer while other processes keep one busy (membound/cpu.py ThreadGovernor); N: exactly N.
@@ -137,8 +148,34 @@ class EngineConfig:
 
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             positive(name)
-        if self.max_model_len is not None:
+        if isinstance(self.max_model_len, str):
+            if self.max_model_len != "auto":
+                raise ConfigError(
+                    f"max_model_len must be a positive integer, 'auto' or None, got {self.max_model_len!r}"
+                )
+            if self.target_concurrency is None:
+                self.target_concurrency = 1
+        elif self.max_model_len is not None:
             positive("max_model_len")
+        if self.target_concurrency is not None:
+            if self.max_model_len != "auto":
+                raise ConfigError(
+                    f"target_concurrency ({self.target_concurrency!r}) sizes max_model_len='auto'; "
+                    f"give max_model_len='auto' with it (max_model_len is {self.max_model_len!r})"
+                )
+            positive("target_concurrency")
+            if self.max_num_seqs < self.target_concurrency:
+                if self.max_num_batched_tokens < self.target_concurrency:
+                    raise ConfigError(
+                        f"target_concurrency ({self.target_concurrency}) needs max_num_batched_tokens "
+                        f"({self.max_num_batched_tokens}) at least as large, so every sequence can decode each step"
+                    )
+                log.info(
+                    "max_num_seqs raised from %d to target_concurrency=%d, so that many run at once",
+                    self.max_num_seqs,
+                    self.target_concurrency,
+                )
+                self.max_num_seqs = self.target_concurrency
         if self.kv_cache_memory_bytes is not None:
             positive("kv_cache_memory_bytes")
         if self.num_threads is not None:

@@ -115,6 +115,109 @@ def cpu_kv_budget_bytes(physical_bytes: int, default_bytes: int) -> int:
     return min(default_bytes, physical_bytes // 4)
 
 
+# ---------------------------------------------------------------------- context chosen to fit
+
+# The KV precisions each attention backend reads besides the run dtype: the Triton kernels read
+# int8 codes + scales but not fp8, the PyTorch backend both (engine/builder.py refuses the rest).
+BACKEND_KV_DTYPES = {"torch": ("fp8", "int8"), "triton": ("int8",)}
+
+
+def max_context(budget_bytes: int, bytes_per_token: int, block_size: int, concurrency: int) -> int:
+    """The longest context `concurrency` sequences can each hold in a KV budget. A sequence of L
+    tokens holds ceil(L / block_size) whole blocks, so N of them fit in B blocks while
+    N x ceil(L / block_size) <= B: L = (B // N) x block_size (0: not even a block each)."""
+    return kv_blocks(budget_bytes, bytes_per_token * block_size) // concurrency * block_size
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextFit:
+    """max_model_len="auto": the context (and KV precision) chosen for `concurrency` sequences."""
+
+    max_model_len: int
+    kv_dtype: str
+    concurrency: int
+    budget_bytes: int
+    block_size: int
+    max_positions: int  # the model's own context length: the choice never exceeds it
+    kv_bytes_per_token: dict[str, int]  # the precisions weighed, the one asked for (or the run dtype) first
+    kv_dtype_chosen: bool  # kv_cache_dtype "auto" let the rule pick; False: it was given
+
+    def context(self, kv_dtype: str) -> int:
+        """The longest context at `concurrency` in `kv_dtype`, at most the model's."""
+        n = max_context(self.budget_bytes, self.kv_bytes_per_token[kv_dtype], self.block_size, self.concurrency)
+        return min(n, self.max_positions)
+
+    def blocks(self, kv_dtype: str) -> int:
+        return kv_blocks(self.budget_bytes, self.kv_bytes_per_token[kv_dtype] * self.block_size)
+
+    @property
+    def alternative(self) -> str | None:
+        """Another precision weighed that would allow a longer context (the longest), if any."""
+        best = max(self.kv_bytes_per_token, key=self.context)  # ties: the first listed
+        return best if self.context(best) > self.max_model_len else None
+
+    def describe(self) -> str:
+        """One line: what was chosen, and why."""
+        n, length = self.concurrency, self.max_model_len
+        blocks = self.blocks(self.kv_dtype)
+        line = f"{n} x {length:,} tokens in {_size(self.budget_bytes)} of {self.kv_dtype} KV"
+        if length == self.max_positions:
+            line += " (the model's full context)"
+        else:
+            line += f" ({blocks:,} blocks of {self.block_size}, {blocks // n:,} per sequence)"
+        asked = next(iter(self.kv_bytes_per_token))
+        if self.kv_dtype != asked:
+            a = self.context(asked)
+            line += f"; {asked} would allow only " + (f"{n} x {a:,}" if a else "less than a block each")
+        alt = self.alternative
+        if alt is not None:
+            line += f"; {alt} would allow {n} x {self.context(alt):,}"
+        return line
+
+
+def fit_context(
+    budget_bytes: int,
+    kv_bytes_per_token: dict[str, int],
+    block_size: int,
+    concurrency: int,
+    max_positions: int,
+    choose_kv_dtype: bool = False,
+) -> ContextFit:
+    """The largest context at which `concurrency` sequences fit in `budget_bytes` of KV cache:
+    whole blocks per sequence, at most the model's `max_positions`.
+
+    `kv_bytes_per_token`: the precisions to weigh, the one asked for first (the run dtype when
+    kv_cache_dtype is "auto"). Rule when `choose_kv_dtype`: keep the first if it holds the model's
+    full context at `concurrency` (no precision lost for nothing); else take the narrowest (fewest
+    bytes per token) if that allows a longer context. Otherwise the first is kept and a longer
+    alternative is only reported (ContextFit.describe)."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigError(f"target_concurrency must be a positive integer, got {concurrency!r}")
+    if not kv_bytes_per_token:
+        raise ConfigError("fit_context needs at least one KV precision")
+    asked = next(iter(kv_bytes_per_token))
+    fit = ContextFit(0, asked, concurrency, budget_bytes, block_size, max_positions, dict(kv_bytes_per_token), False)
+    kv_dtype = asked
+    narrowest = min(kv_bytes_per_token, key=kv_bytes_per_token.__getitem__)  # ties: the first listed
+    if choose_kv_dtype and fit.context(asked) < max_positions and fit.context(narrowest) > fit.context(asked):
+        kv_dtype = narrowest
+    length = fit.context(kv_dtype)
+    if length == 0:
+        alt = fit.alternative
+        hint = f"; {alt} would hold {concurrency} x {fit.context(alt):,} tokens" if alt else ""
+        raise ConfigError(
+            f"max_model_len='auto': target_concurrency={concurrency} sequences need a {block_size}-token block "
+            f"each, but the KV budget of {_size(budget_bytes)} holds {fit.blocks(kv_dtype):,} blocks of "
+            f"{kv_dtype} ({kv_bytes_per_token[kv_dtype]:,} bytes/token){hint}; lower target_concurrency or give "
+            "the KV cache more memory (kv_cache_memory_bytes, gpu_memory_utilization)"
+        )
+    return dataclasses.replace(fit, max_model_len=length, kv_dtype=kv_dtype, kv_dtype_chosen=choose_kv_dtype)
+
+
 # ---------------------------------------------------------------------- weights
 
 

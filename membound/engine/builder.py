@@ -1,8 +1,8 @@
 """Builds an engine's parts, in order: load (packed-first, quantized; the tokenizer loads on a second
-thread meanwhile) -> profile ->
-plan memory -> allocate the KV cache -> scheduler, input batch, runner -> warm up kernels ->
-capture CUDA graphs. Everything that happens once, at start-up, lives here; `core.py` is the
-loop and nothing else.
+thread meanwhile) -> profile -> plan memory (max_model_len="auto": the context, and the KV
+precision, chosen to fit the budget) -> allocate the KV cache -> scheduler, input batch, runner ->
+warm up kernels -> capture CUDA graphs. Everything that happens once, at start-up, lives here;
+`core.py` is the loop and nothing else.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from membound import costs
 from membound.attention import AttentionBackend, get_backend
 from membound.attention.base import AttentionMetadata
 from membound.config import EngineConfig
@@ -25,14 +26,14 @@ from membound.engine.core import EngineCore
 from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.input_batch import InputBatch, PenaltyRows
 from membound.engine.kv_cache import KVCacheSpec, allocate_kv_cache, blocks_needed
-from membound.engine.memory import MemoryPlan, plan_memory
+from membound.engine.memory import MemoryPlan, kv_budget_bytes, plan_memory
 from membound.engine.model_runner import ModelRunner
 from membound.engine.sampler import SamplingBatch, sample, verify_on_device
 from membound.engine.scheduler import Scheduler, SchedulerConfig
 from membound.engine.speculator import NgramSpeculator
 from membound.engine.warmup import synthetic_metadata, warm_up_kernels
 from membound.errors import ConfigError
-from membound.model.config import ModelConfig
+from membound.model.config import TURN_END_TOKENS, ModelConfig
 from membound.model.loader import (
     ModelSource,
     load_config,
@@ -47,6 +48,7 @@ from membound.sampling_params import SamplingParams
 
 log = logging.getLogger("membound")
 
+KV_CACHE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}  # kv_cache_dtype names, "auto" aside
 MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: launch gaps no longer matter there
 
 
@@ -100,13 +102,17 @@ def build_engine(config: EngineConfig) -> EngineParts:
             check_shapes(mc.num_heads, mc.num_kv_heads, config.block_size, dtype, config.kv_cache_dtype == "int8")
         except ValueError as e:
             raise ConfigError(str(e)) from e
-    kv_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}.get(config.kv_cache_dtype, dtype)
-    if config.kv_cache_dtype == "fp8" and backend.name == "triton":
+    kv_dtype = KV_CACHE_DTYPES.get(config.kv_cache_dtype, dtype)
+    if config.kv_cache_dtype not in ("auto", *costs.BACKEND_KV_DTYPES[backend.name]):
         raise ConfigError(
-            "kv_cache_dtype='fp8' runs on the PyTorch attention backend only for now; "
-            "use kv_cache_dtype='int8' with the Triton kernels"
+            f"kv_cache_dtype={config.kv_cache_dtype!r} runs on the PyTorch attention backend only for now; "
+            f"use kv_cache_dtype={' or '.join(map(repr, costs.BACKEND_KV_DTYPES[backend.name]))} "
+            f"with the {backend.name} backend"
         )
-    max_model_len = config.max_model_len or mc.max_position_embeddings
+    # max_model_len="auto" is chosen from the KV budget, known only after loading and profiling:
+    # until then everything is sized for the model's full context, an upper bound on the choice.
+    auto_len = config.max_model_len == "auto"
+    max_model_len = mc.max_position_embeddings if auto_len else config.max_model_len or mc.max_position_embeddings
     if max_model_len > mc.max_position_embeddings:
         log.warning(
             "max_model_len %d exceeds the model's context length %d; quality past it is not guaranteed",
@@ -128,17 +134,43 @@ def build_engine(config: EngineConfig) -> EngineParts:
     eos = set(mc.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
+    if tokenizer is not None:
+        eos.update(tokenizer.special_token_ids(TURN_END_TOKENS.get(mc.family, ())))
 
     kv_spec = KVCacheSpec(mc.num_layers, mc.num_kv_heads, mc.head_dim, config.block_size, kv_dtype)
+    kv_options = kv_fit_options(kv_spec, backend.name, mc.num_heads, dtype) if auto_len else {}
     # Allocated before profiling, so the memory plan sees its per-slot rows as used.
     input_batch = InputBatch(config.max_num_seqs, max_model_len, config.block_size, mc.vocab_size, device, backend)
     # CUDA graphs need static shapes and no host syncs inside the forward: the Triton path has both.
     use_graphs = device.type == "cuda" and not config.enforce_eager and backend.name == "triton"
-    activation_peak = profile_activation_peak(model, kv_spec, config, max_model_len, device)
+    # A KV precision still to be chosen: room for the hungriest candidate's steps.
+    profiled = list(kv_options.values()) if auto_len and config.kv_cache_dtype == "auto" else [kv_spec]
+    activation_peak = max(profile_activation_peak(model, s, config, max_model_len, device) for s in profiled)
     if device.type == "cuda":  # penalty counts grow at run time, up to one row per slot: keep room
         activation_peak += PenaltyRows.bytes_at_capacity(mc.vocab_size, config.max_num_seqs)
-    graph_reserve = profile_graph_memory(model, kv_spec, config, max_model_len, device) if use_graphs else 0
-    memory = plan_memory(config, kv_spec, device, loaded.weight_bytes, activation_peak + graph_reserve, max_model_len)
+    graph_reserve = (
+        max(profile_graph_memory(model, s, config, max_model_len, device) for s in profiled) if use_graphs else 0
+    )
+    reserved = activation_peak + graph_reserve
+    budget = kv_budget_bytes(config, device, loaded.weight_bytes, reserved)
+    if auto_len:
+        fit = costs.fit_context(
+            budget,
+            {name: spec.bytes_per_token for name, spec in kv_options.items()},
+            config.block_size,
+            config.target_concurrency,
+            mc.max_position_embeddings,
+            choose_kv_dtype=config.kv_cache_dtype == "auto",
+        )
+        log.info("max_model_len=auto: %s", fit.describe())
+        kv_spec = kv_options[fit.kv_dtype]
+        if fit.max_model_len != max_model_len:  # block tables only as wide as the chosen context
+            max_model_len = fit.max_model_len
+            del input_batch
+            input_batch = InputBatch(
+                config.max_num_seqs, max_model_len, config.block_size, mc.vocab_size, device, backend
+            )
+    memory = plan_memory(config, kv_spec, device, loaded.weight_bytes, reserved, max_model_len, budget)
     try:
         # One block more than the pool hands out: the scratch block padded decode rows write to.
         kv_caches = allocate_kv_cache(kv_spec, memory.num_blocks + 1, device)
@@ -191,6 +223,22 @@ def build_engine(config: EngineConfig) -> EngineParts:
         config, device, dtype, backend, source, mc, model, loaded.quantization, tokenizer, tuple(sorted(eos)),
         max_model_len, kv_spec, memory, pool, scheduler, input_batch, runner, core,
     )  # fmt: skip
+
+
+def kv_fit_options(spec: KVCacheSpec, backend: str, num_heads: int, dtype: torch.dtype) -> dict[str, KVCacheSpec]:
+    """The KV precisions max_model_len="auto" weighs: the one asked for (or the run dtype) first,
+    then the others the attention backend reads (costs.BACKEND_KV_DTYPES) at this model's shape."""
+    options = {costs.kv_dtype_name(spec.dtype): spec}
+    for name in costs.BACKEND_KV_DTYPES[backend]:
+        if backend == "triton":
+            from membound.kernels.decode_attention import check_shapes
+
+            try:
+                check_shapes(num_heads, spec.num_kv_heads, spec.block_size, dtype, name == "int8")
+            except ValueError:
+                continue
+        options.setdefault(name, dataclasses.replace(spec, dtype=KV_CACHE_DTYPES[name]))
+    return options
 
 
 def decode_graphs(model, kv_caches, config: EngineConfig, max_model_len: int, device: torch.device) -> DecodeGraphs:

@@ -73,8 +73,11 @@ def plan_memory(
     weight_bytes: int,
     activation_peak: int,
     max_model_len: int,
+    budget: int | None = None,
 ) -> MemoryPlan:
-    budget = kv_budget_bytes(config, device, weight_bytes, activation_peak)
+    """`budget`: the KV budget if already measured (max_model_len="auto" chose the length from it)."""
+    if budget is None:
+        budget = kv_budget_bytes(config, device, weight_bytes, activation_peak)
     num_blocks = costs.kv_blocks(budget, spec.bytes_per_block)
     kv_tokens = num_blocks * spec.block_size
     if kv_tokens < max_model_len:

@@ -110,6 +110,7 @@ class Plan:
     prefill_seconds: float  # a `context`-token prompt, alone: max(FLOPs / peak, weight bytes / bandwidth)
     peak_tflops: float
     bandwidth_gbs: float
+    context_fit: costs.ContextFit | None = None  # context="auto": the engine's max_model_len="auto" choice
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,7 +144,7 @@ def resolve_kv_dtype(kv_dtype: str, gpu: GPUSpec, packed: bool = False) -> str:
 def make_plan(
     shape: ModelShape,
     gpu: GPUSpec,
-    context: int,
+    context: int | str,
     concurrency: int,
     kv_dtype: str = "auto",
     gpu_memory_utilization: float = 0.9,
@@ -155,9 +156,16 @@ def make_plan(
     """The engine's memory plan and decode bounds by arithmetic. `kv_cache_memory_bytes` fixes the
     KV budget as the engine's option of that name does; otherwise it is what the engine takes:
     on a CPU the default budget (at most a quarter of RAM), on a GPU utilization x memory less
-    the weights and `overhead_bytes` (activations, graphs, CUDA context)."""
+    the weights and `overhead_bytes` (activations, graphs, CUDA context).
+
+    context="auto": the longest at which `concurrency` sequences fit the KV budget, chosen (with
+    kv_dtype "auto", the KV precision too) by the engine's rule, costs.fit_context, for the attention
+    backend the engine would run: Triton on a GPU, PyTorch on a CPU."""
+    choose_kv_dtype = kv_dtype == "auto"
     kv_dtype = resolve_kv_dtype(kv_dtype, gpu, runs_packed(shape.weight_format))
-    for name, v in (("context", context), ("concurrency", concurrency), ("block_size", block_size)):
+    if context != "auto" and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+        raise ConfigError(f"context must be a positive integer or 'auto', got {context!r}")
+    for name, v in (("concurrency", concurrency), ("block_size", block_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} must be a positive integer, got {v!r}")
     if kv_cache_memory_bytes is not None and kv_cache_memory_bytes < 1:
@@ -165,10 +173,6 @@ def make_plan(
     if not 0 < gpu_memory_utilization <= 1:
         raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
     cfg, wb = shape.config, shape.weights
-    kv = costs.KVCost(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
-    kv_tok, block_bytes = kv.bytes_per_token, kv.bytes_per_block(block_size)
-    per_seq = kv.bytes_for(context, block_size)
-    kv_needed = concurrency * per_seq
     budget = int(gpu.memory_bytes * gpu_memory_utilization)
     room = costs.kv_budget_bytes(gpu.memory_bytes, gpu_memory_utilization, wb.stored, overhead_bytes)
     if kv_cache_memory_bytes is not None:
@@ -177,9 +181,22 @@ def make_plan(
         kv_budget, source = costs.cpu_kv_budget_bytes(gpu.memory_bytes, DEFAULT_CPU_KV_CACHE_BYTES), "cpu default"
     else:
         kv_budget, source = room, "device"
+    fit = None
+    if context == "auto":
+        backend = "torch" if gpu.cpu else "triton"  # the engine's attention_backend="auto"
+        options = [kv_dtype, *costs.BACKEND_KV_DTYPES[backend]]
+        per_token = {k: costs.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, k) for k in options}
+        fit = costs.fit_context(
+            kv_budget, per_token, block_size, concurrency, cfg.max_position_embeddings, choose_kv_dtype
+        )
+        context, kv_dtype = fit.max_model_len, fit.kv_dtype
+    kv = costs.KVCost(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+    kv_tok, block_bytes = kv.bytes_per_token, kv.bytes_per_block(block_size)
+    per_seq = kv.bytes_for(context, block_size)
+    kv_needed = concurrency * per_seq
     blocks = costs.kv_blocks(kv_budget, block_bytes)
     max_conc = max(0, kv_budget // per_seq)
-    max_ctx = max(0, kv_budget // (concurrency * kv_tok)) // block_size * block_size
+    max_ctx = costs.max_context(kv_budget, kv_tok, block_size, concurrency)
 
     fp8_weights = shape.weight_format.lower() == "fp8" and gpu.fp8_tflops is not None
     tflops = gpu.fp8_tflops if fp8_weights else gpu.bf16_tflops
@@ -222,6 +239,7 @@ def make_plan(
         prefill_seconds=model.prefill(context).bound_seconds(bw, peak),
         peak_tflops=tflops,
         bandwidth_gbs=gpu.bandwidth_gbs,
+        context_fit=fit,
     )
 
 
@@ -263,6 +281,7 @@ def render(plan: Plan, shape: ModelShape) -> str:
             if plan.max_context > plan.model_max_context
             else ""
         ),
+        *([f"context   auto: {plan.context_fit.describe()}"] if plan.context_fit is not None else []),
         "",
         f"decode at {plan.context:,} tokens of context per sequence (upper bounds):",
         f"  {'batch':>5}  {'MB/step':>9}  {'memory-bound':>13}  {'compute-bound':>14}  "
