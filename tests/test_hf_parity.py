@@ -15,6 +15,21 @@ CASES = {
     "mistral-sliding-window": ("mistral", {"sliding_window": 24}),
     "qwen2-qkv-bias": ("qwen2", {"num_key_value_heads": 1}),
     "qwen3-qk-norm": ("qwen3", {"tie_word_embeddings": True}),
+    # Gemma 3: local and global layers (window 8 < the prompts), each with its RoPE base (the global one
+    # linearly scaled), q/k norms, four norms per layer, GeGLU, a scale other than head_dim's, tied head.
+    "gemma3-interleaved": (
+        "gemma3",
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+            "sliding_window": 8,
+            "query_pre_attn_scalar": 24,
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
+    ),
     "smollm2-shape": (
         "llama",
         {
@@ -43,12 +58,17 @@ def test_architecture_features_are_exercised(pair):
     name, hf, llm = pair
     cfg = llm.engine.model_config
     assert cfg.attention_bias == (name == "qwen2-qkv-bias")
-    assert cfg.qk_norm == (name == "qwen3-qk-norm")
+    assert cfg.qk_norm == (name in ("qwen3-qk-norm", "gemma3-interleaved"))
     assert cfg.tie_word_embeddings == hf.config.tie_word_embeddings
     if name == "mistral-sliding-window":
         assert cfg.sliding_window == 24
     if name == "llama3-rope-scaling":
         assert cfg.rope_scaling["rope_type"] == "llama3"
+    if name == "gemma3-interleaved":
+        assert cfg.gemma and cfg.qk_norm and cfg.hidden_act == "gelu_pytorch_tanh"
+        assert [cfg.layer_window(i) for i in range(4)] == [8, 8, None, 8]
+        assert (cfg.rope_theta, cfg.rope_local_theta, cfg.rope_scaling["factor"]) == (1e6, 1e4, 2.0)
+        assert cfg.attention_scale == 24**-0.5
 
 
 def test_prefill_logits_match_hf(pair):

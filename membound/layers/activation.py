@@ -1,4 +1,4 @@
-"""SwiGLU's activation on the fused gate/up projection output."""
+"""The gated activations on the fused gate/up projection output: SwiGLU (Llama) and GeGLU (Gemma 3)."""
 
 from __future__ import annotations
 
@@ -11,3 +11,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     reference kernels.fused.silu_and_mul is tested against."""
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, tanh approximation) * up: Gemma 3's GeGLU, as HF's gelu_pytorch_tanh."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up

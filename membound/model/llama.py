@@ -1,4 +1,8 @@
-"""One Llama-family decoder: Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+"""One decoder for the Llama family (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM2) and Gemma 3.
+
+Gemma 3 differs only in a few places, each switched by its ModelConfig: embeddings scaled by
+sqrt(hidden), four norms per layer (each weight 1 + w, folded in at load), GeGLU, interleaved
+sliding / global layers with a RoPE table each, and its own attention scale.
 
 The forward pass takes a flat batch of tokens from many sequences (no padding) and
 the paged KV cache; the attention backend decides how the cache is read, the layer kernel
@@ -17,6 +21,7 @@ from torch import nn
 from membound.attention.base import AttentionBackend, AttentionMetadata
 from membound.errors import ConfigError, ModelLoadError
 from membound.layers import LayerKernels, RMSNorm, RotaryEmbedding, apply_rope, choose_layer_kernels
+from membound.layers.activation import gelu_tanh_and_mul
 from membound.layers.invariant import RowTiled, rows_independent, serial_rows
 from membound.layers.rotary import half_tables
 from membound.model.config import ModelConfig, rope_inv_freq
@@ -39,7 +44,7 @@ def project(layer: nn.Module, x: torch.Tensor, dense_from: int | None) -> torch.
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, kernels: LayerKernels) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, kernels: LayerKernels, layer: int = 0) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -51,8 +56,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.backend = backend
         self.kernels = kernels
-        self.scale = cfg.head_dim**-0.5
-        self.sliding_window = cfg.sliding_window
+        self.scale = cfg.attention_scale
+        self.sliding_window = cfg.layer_window(layer)
 
     def forward(
         self,
@@ -92,18 +97,26 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels = kernels
+        self.geglu = cfg.hidden_act == "gelu_pytorch_tanh"  # Gemma 3; PyTorch's op on every kernel set
 
     def forward(self, x: torch.Tensor, dense_from: int | None = None) -> torch.Tensor:
-        h = self.kernels.silu_and_mul(project(self.gate_up_proj, x, dense_from))
+        gate_up = project(self.gate_up_proj, x, dense_from)
+        h = gelu_tanh_and_mul(gate_up) if self.geglu else self.kernels.silu_and_mul(gate_up)
         return project(self.down_proj, h, dense_from)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, kernels: LayerKernels) -> None:
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, kernels: LayerKernels, layer: int = 0) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, backend, kernels)
+        self.self_attn = Attention(cfg, backend, kernels, layer)
+        # Llama: the norm before the MLP. Gemma 3: the norm of the attention output, before its add.
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.gemma:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.sandwich = cfg.gemma
+        self.rope_local = cfg.layer_rope_local(layer)  # which of the model's RoPE tables this layer uses
         self.mlp = MLP(cfg, kernels)
         self.kernels = kernels
 
@@ -112,8 +125,14 @@ class DecoderLayer(nn.Module):
         next norm (the next layer's, or the final one), one kernel in the Triton set."""
         add_rms_norm, ln1, ln2 = self.kernels.add_rms_norm, self.input_layernorm, self.post_attention_layernorm
         h, residual = add_rms_norm(x, residual, ln1.weight, ln1.eps)
-        h, residual = add_rms_norm(self.self_attn(rope, h, kv_cache, meta, dense_from), residual, ln2.weight, ln2.eps)
-        return self.mlp(h, dense_from), residual
+        h = self.self_attn(rope, h, kv_cache, meta, dense_from)
+        if not self.sandwich:
+            h, residual = add_rms_norm(h, residual, ln2.weight, ln2.eps)
+            return self.mlp(h, dense_from), residual
+        pre, post = self.pre_feedforward_layernorm, self.post_feedforward_layernorm
+        h = add_rms_norm(h, None, ln2.weight, ln2.eps)[0]
+        h, residual = add_rms_norm(h, residual, pre.weight, pre.eps)
+        return add_rms_norm(self.mlp(h, dense_from), None, post.weight, post.eps)[0], residual
 
 
 # Which slice of a fused parameter each HF checkpoint name fills.
@@ -135,22 +154,30 @@ class LlamaForCausalLM(nn.Module):
         rope_freq_factors: torch.Tensor | None = None,
         layer_kernels: LayerKernels | None = None,
         rope: RotaryEmbedding | None = None,
+        rope_local: RotaryEmbedding | None = None,
     ) -> None:
         """layer_kernels: the norm / activation / RoPE implementations; by default the Triton set
         exactly when `backend` is the Triton attention backend (membound.layers.choose_layer_kernels).
         rope: tables already computed (the loader builds the model on meta, where computing them
-        would pull in PyTorch's meta kernels: ~0.8 s of start-up)."""
+        would pull in PyTorch's meta kernels: ~0.8 s of start-up); rope_local: the same for Gemma 3's
+        sliding layers' table."""
         super().__init__()
         self.config = cfg
         self.attention_backend = backend  # its metadata and graph hooks are the runner's to use
         self.layer_kernels = layer_kernels or choose_layer_kernels("auto", backend.name)
         kernels = self.layer_kernels
         self.rope = rope or RotaryEmbedding(rope_inv_freq(cfg, rope_freq_factors), max_positions)
+        # Gemma 3's sliding layers rotate with a second table (another base, never scaled).
+        self.rope_local = None
+        if any(cfg.layer_rope_local(i) for i in range(cfg.num_layers)):
+            self.rope_local = rope_local or RotaryEmbedding(rope_inv_freq(cfg, local=True), max_positions)
+        # sqrt(hidden) in the run dtype, as HF rounds it (Gemma 3; 1 elsewhere).
+        self.embed_scale = cfg.hidden_size**0.5 if cfg.gemma else None
         # No init: the loader fills it (and nn.Embedding's normal_ on meta would import torch._dynamo, 1.2 s).
         self.embed_tokens = nn.Embedding(
             cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
         )
-        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, kernels) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend, kernels, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.batch_invariant = False  # make_batch_invariant() turns it on
@@ -165,10 +192,14 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        rope = self.rope(positions, x.dtype)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        ropes = [self.rope(positions, x.dtype)]
+        if self.rope_local is not None:
+            ropes.append(self.rope_local(positions, x.dtype))
         if self.layer_kernels.rope_write_kv is not None:
             rows = torch.arange(x.shape[0], device=x.device)  # the fused kernel looks cos/sin up by row
-            rope = (*half_tables(*rope), rows)
+            ropes = [(*half_tables(*r), rows) for r in ropes]
         residual = None
         # Prefill rows past the decodes go through dense matmuls when there are enough of them (see
         # project); decode rows stay on the packed kernels, so they never depend on their batch.
@@ -177,7 +208,7 @@ class LlamaForCausalLM(nn.Module):
         dense = prefill_rows >= DENSE_MIN_ROWS and not self.batch_invariant
         dense_from = meta.num_decodes if dense else None
         for layer, kv in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(rope, x, kv, meta, residual, dense_from)
+            x, residual = layer(ropes[layer.rope_local], x, kv, meta, residual, dense_from)
         return self.layer_kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -264,6 +295,8 @@ class LlamaForCausalLM(nn.Module):
                 raise ModelLoadError(
                     f"tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(dest.shape)}"
                 )
+            if cfg.gemma and target.endswith("norm.weight"):
+                tensor = tensor.float() + 1.0  # Gemma scales by 1 + w: folded in once, here
             dest.copy_(tensor)
             filled.add(f"{target}#{shard}")
         expected = set()

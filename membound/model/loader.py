@@ -15,14 +15,21 @@ from tqdm.auto import tqdm
 from membound.attention.base import AttentionBackend
 from membound.errors import ConfigError, ModelLoadError
 from membound.layers import choose_layer_kernels
-from membound.model.config import ModelConfig, rope_inv_freq
+from membound.model.config import ModelConfig, gemma3_layer_types, rope_inv_freq
 from membound.model.llama import LlamaForCausalLM, RotaryEmbedding
 from membound.model.registry import PRESETS, default_model_path, get_preset
 from membound.quant.linear import linear_weight_bytes, quantize_model
 
 log = logging.getLogger(__name__)
 
-_GGUF_ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_GGUF_ARCH = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
+# llama.cpp's Gemma 3 fixes what its GGUF does not store: the sliding layers' RoPE base.
+_GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 # llama.cpp tensor names -> HF names (per layer, after "blk.N.").
 _GGUF_LAYER_NAMES = {
@@ -37,6 +44,13 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 names its four norms per layer after where they sit; llama.cpp's ffn_norm is the one before the MLP.
+_GGUF_GEMMA3_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GGUF_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 
@@ -213,6 +227,17 @@ class GGUFFile:
         if self.field(f"{a}.rope.scaling.type") == "linear":
             scaling = {"rope_type": "linear", "factor": float(self.field(f"{a}.rope.scaling.factor"))}
         eos = self.field("tokenizer.ggml.eos_token_id")
+        gemma = {}
+        if a == "gemma3":
+            layers = int(self.field(f"{a}.block_count"))
+            # llama.cpp scales Gemma 3 27B's scores by its hidden size per head, every other size by head_dim.
+            per_head = hidden // heads if layers == 62 else self.field(f"{a}.attention.key_length", hidden // heads)
+            gemma = {
+                "hidden_act": "gelu_pytorch_tanh",
+                "layer_types": gemma3_layer_types(layers),
+                "rope_local_theta": _GEMMA3_LOCAL_ROPE_THETA,
+                "query_pre_attn_scalar": float(per_head),
+            }
         try:
             return ModelConfig(
                 architecture=_GGUF_ARCH[a],
@@ -233,6 +258,7 @@ class GGUFFile:
                 sliding_window=self.field(f"{a}.attention.sliding_window"),
                 bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=() if eos is None else (int(eos),),
+                **gemma,
             )
         except TypeError as e:
             raise ModelLoadError(f"{self.path}: GGUF metadata is incomplete: {e}") from e
@@ -261,6 +287,8 @@ class GGUFFile:
             if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = config.num_heads if "q_proj" in name else config.num_kv_heads
                 w = _unpermute_rope(w, heads)
+            if self.arch == "gemma3" and name.endswith("norm.weight"):
+                w = w - 1.0  # llama.cpp's converter stores Gemma's 1 + w; hand on HF's w
             yield name, w
 
     def _hf_name(self, name: str) -> str | None:
@@ -269,9 +297,10 @@ class GGUFFile:
             return None  # applied through rope_freq_factors()
         if stem.startswith("blk."):
             _, idx, part = stem.split(".", 2)
-            if part not in _GGUF_LAYER_NAMES:
+            names = _GGUF_GEMMA3_NAMES if self.arch == "gemma3" else _GGUF_LAYER_NAMES
+            if part not in names:
                 raise ModelLoadError(f"{self.path}: unexpected tensor {name}")
-            return f"layers.{idx}.{_GGUF_LAYER_NAMES[part]}.{suffix}"
+            return f"layers.{idx}.{names[part]}.{suffix}"
         if stem not in _GGUF_GLOBAL_NAMES:
             raise ModelLoadError(f"{self.path}: unexpected tensor {name}")
         hf = _GGUF_GLOBAL_NAMES[stem]
@@ -358,14 +387,19 @@ def load_model(
     config = load_config(source, gguf)
     quantization = resolve_quantization(quantization, source, gguf)
     freq_factors = gguf.rope_freq_factors() if gguf and source.kind != "dummy" else None
+    local = any(config.layer_rope_local(i) for i in range(config.num_layers))
     with torch.device(device):
         rope = RotaryEmbedding(rope_inv_freq(config, freq_factors), max_positions)
-    cos, sin = rope.cos, rope.sin
+        rope_local = RotaryEmbedding(rope_inv_freq(config, local=True), max_positions) if local else None
+    tables = [(r, r.cos, r.sin) for r in (rope, rope_local) if r is not None]
     with torch.device("meta"):
         kernels = choose_layer_kernels("auto", backend.name, dtype, device.type)
-        model = LlamaForCausalLM(config, backend, max_positions, layer_kernels=kernels, rope=rope).to(dtype)
+        model = LlamaForCausalLM(
+            config, backend, max_positions, layer_kernels=kernels, rope=rope, rope_local=rope_local
+        ).to(dtype)
     # .to(dtype) cast the tables too: keep them fp32 (positions up to max_positions need the bits).
-    model.rope.cos, model.rope.sin = cos, sin
+    for r, cos, sin in tables:
+        r.cos, r.sin = cos, sin
     if source.kind == "dummy":
         # Random weights everywhere first, then any blocks from the file: the seeded draws stay as they were.
         _materialise(model, device)

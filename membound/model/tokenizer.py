@@ -117,6 +117,11 @@ class Tokenizer:
             text = self._texts[token_id] = self.token_bytes(token_id).decode("utf-8", errors="replace")
         return text
 
+    def special_token_ids(self, texts) -> list[int]:
+        """Ids of those of these special tokens the vocabulary has (one token each)."""
+        vocab = self.hf.get_vocab()
+        return [vocab[t] for t in texts if t in vocab and self.is_special_token(t)]
+
     def is_special_token(self, text: str) -> bool:
         """Whether `text` is an added token that decoding with skip_special_tokens drops."""
         return any(t.content == text and t.special for t in self.hf.added_tokens_decoder.values())
@@ -224,7 +229,8 @@ def _gguf_tokenizer(path: pathlib.Path):
     from transformers import AutoTokenizer
 
     st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    # The format version: bumped when what the conversion saves changes (2: fallback chat templates).
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|2".encode()).hexdigest()[:16]
     cache = tokenizer_cache_dir() / "tokenizers" / key
     if (cache / "tokenizer.json").is_file():
         try:
@@ -233,6 +239,11 @@ def _gguf_tokenizer(path: pathlib.Path):
             pass
     log.info("building the tokenizer from %s's vocab (once; cached in %s)", path.name, cache)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if not tok.chat_template:  # saved with the cache, so this runs with the conversion only
+        from membound.model.chat_templates import FALLBACK_TEMPLATES
+        from membound.model.loader import GGUFFile
+
+        tok.chat_template = FALLBACK_TEMPLATES.get(GGUFFile(str(path)).arch)
     try:
         tmp = cache.with_name(f"{key}.tmp{os.getpid()}")
         tok.save_pretrained(str(tmp))

@@ -345,7 +345,8 @@ class Int4Linear(QuantLinear):
         packed, sz = self._cpu_pack
         if x2.dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
+        # The op takes dense rows only (an attention output of several heads can arrive as a strided view).
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, self.group_size, sz)
 
     def forward_rows(self, x: torch.Tensor, dense_from: int) -> torch.Tensor:
         """x @ w.T with rows [:dense_from] on the packed kernel and the rest through a bf16 copy of w,
