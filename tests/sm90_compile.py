@@ -27,7 +27,8 @@ import sys
 os.environ["TRITON_INTERPRET"] = "0"  # before triton is imported: real JIT functions
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-MODELS = ("llama-3-8b", "smollm2-135m", "qwen3-0.6b")  # head dims 128 / 64, GQA groups 4 / 3 / 2
+# Head dims 128 / 64 / 128 / 256, GQA groups 4 / 3 / 2 / 4 (Gemma 3: sliding windows too).
+MODELS = ("llama-3-8b", "smollm2-135m", "qwen3-0.6b", "gemma3-270m")
 DTYPES = ("bfloat16", "float16", "float32")
 KV_DTYPES = ("auto", "int8")
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -104,7 +105,10 @@ def _engine_case(model: str, dtype: str, kv: str, block_size: int, weights: str)
     from membound.model.registry import get_preset
     from membound.quant.linear import quantize_model
 
-    cfg = dataclasses.replace(get_preset(model), num_layers=1)  # every layer launches the same variants
+    cfg = get_preset(model)
+    # Every layer launches the same variants; Gemma 3 has two kinds: one sliding-window layer, one global.
+    kinds = ("sliding_attention", "full_attention") if cfg.layer_types else ()
+    cfg = dataclasses.replace(cfg, num_layers=max(1, len(kinds)), layer_types=kinds)
     dt = TORCH_DTYPES[dtype]
     max_len = 4096
     with torch.device("meta"):
@@ -112,7 +116,7 @@ def _engine_case(model: str, dtype: str, kv: str, block_size: int, weights: str)
     if weights != "none":
         quantize_model(m, weights, 128)
     kv_dtype = torch.int8 if kv == "int8" else dt
-    spec = KVCacheSpec(1, cfg.num_kv_heads, cfg.head_dim, block_size, kv_dtype)
+    spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size, kv_dtype)
     caches = allocate_kv_cache(spec, 64, torch.device("meta"))
     warm_up_kernels(m, caches, block_size, 256, 2048, max_len, 64)
 
@@ -192,7 +196,7 @@ def all_cases() -> list[tuple]:
     def runs(model, dtype, kv, bs) -> bool:  # what the engine accepts (it refuses the rest at start-up)
         cfg = get_preset(model)
         try:
-            check_shapes(cfg.num_heads, cfg.num_kv_heads, bs, TORCH_DTYPES[dtype], kv == "int8")
+            check_shapes(cfg.num_heads, cfg.num_kv_heads, bs, TORCH_DTYPES[dtype], kv == "int8", cfg.head_dim)
         except ValueError:
             return False
         return True
@@ -203,7 +207,11 @@ def all_cases() -> list[tuple]:
         if runs(model, dtype, kv, bs)
     ]
     # Weight formats change only the matmuls: one attention setting per model and dtype.
-    cases += [(model, dtype, "auto", 16, w) for model, dtype, w in itertools.product(MODELS, DTYPES, WEIGHTS[1:])]
+    cases += [
+        (model, dtype, "auto", 16, w)
+        for model, dtype, w in itertools.product(MODELS, DTYPES, WEIGHTS[1:])
+        if runs(model, dtype, "auto", 16)
+    ]
     cases += [("gguf", dtype) for dtype in DTYPES if dtype != "float32"]  # fp32 dequantizes instead
     return cases
 

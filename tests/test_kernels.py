@@ -264,6 +264,19 @@ def test_triton_backend_refuses_block_sizes_its_tiles_cannot_run(tmp_path, block
             dtype="float32", kv_cache_dtype="int8")  # fmt: skip
 
 
+def test_triton_backend_refuses_fp32_heads_wider_than_its_tiles_hold(tmp_path):
+    """Gemma 3's head_dim 256 runs on the Triton kernels in bf16/fp16; fp32 tiles that wide spill."""
+    from membound import LLM
+    from membound.errors import ConfigError
+    from tests.conftest import write_tiny_config
+
+    path = write_tiny_config(tmp_path, head_dim=256)
+    kw = dict(load_format="dummy", skip_tokenizer_init=True, attention_backend="triton", max_model_len=64)
+    with pytest.raises(ConfigError, match="float32 with head_dim 256"):
+        LLM(str(path), dtype="float32", **kw)
+    assert LLM(str(path), dtype="bfloat16", kv_cache_memory_bytes=1 << 20, **kw).engine.model_config.head_dim == 256
+
+
 def test_split_counts_are_powers_of_two_within_the_merge_tile():
     from membound.kernels.decode_attention import MAX_SPLITS, choose_num_splits, paged_decode_attention
 

@@ -99,7 +99,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
         from membound.kernels.decode_attention import check_shapes
 
         try:
-            check_shapes(mc.num_heads, mc.num_kv_heads, config.block_size, dtype, config.kv_cache_dtype == "int8")
+            check_shapes(
+                mc.num_heads, mc.num_kv_heads, config.block_size, dtype, config.kv_cache_dtype == "int8", mc.head_dim
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from e
     kv_dtype = KV_CACHE_DTYPES.get(config.kv_cache_dtype, dtype)
@@ -234,7 +236,7 @@ def kv_fit_options(spec: KVCacheSpec, backend: str, num_heads: int, dtype: torch
             from membound.kernels.decode_attention import check_shapes
 
             try:
-                check_shapes(num_heads, spec.num_kv_heads, spec.block_size, dtype, name == "int8")
+                check_shapes(num_heads, spec.num_kv_heads, spec.block_size, dtype, name == "int8", spec.head_dim)
             except ValueError:
                 continue
         options.setdefault(name, dataclasses.replace(spec, dtype=KV_CACHE_DTYPES[name]))

