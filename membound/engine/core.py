@@ -84,6 +84,14 @@ class EngineCore:
     def step_in_flight(self) -> bool:
         return self._inflight is not None
 
+    def drain(self) -> list[RequestOutput]:
+        """Process the step still in flight, if any (with every request finished it holds only
+        wasted rows): nothing is left on the device for this engine afterwards."""
+        if self._inflight is None:
+            return []
+        done, self._inflight = self._inflight, None
+        return self._finish(done)
+
     def step(self) -> list[RequestOutput]:
         early: list[RequestOutput] = []
         early_s = 0.0  # processing the step in flight before this one samples (grammars under launch-ahead)

@@ -95,3 +95,63 @@ def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return (num_tokens + block_size - 1) // block_size
+
+
+# ---------------------------------------------------------------------- sleep / wake (LLMEngine.sleep)
+
+
+def unique_storages(tensors) -> list[torch.UntypedStorage]:
+    """The distinct, non-empty storages behind `tensors` (views of one allocation count once)."""
+    seen: dict[tuple[str, int], torch.UntypedStorage] = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.nbytes() and s.data_ptr():
+            seen.setdefault((str(s.device), s.data_ptr()), s)
+    return list(seen.values())
+
+
+def storage_bytes(storage: torch.UntypedStorage) -> torch.Tensor:
+    """A uint8 tensor over all of `storage` (to copy or zero it whole)."""
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (storage.nbytes(),))
+
+
+def release_kv_cache(caches: list[tuple[torch.Tensor, ...]]) -> list[tuple[torch.UntypedStorage, int]]:
+    """Give the KV cache's memory back and keep its tensors (an engine put to sleep). On CUDA each
+    storage shrinks to nothing (every view stays valid, pointing at no memory until restored); on CPU
+    the untouched-zero-pages mapping (`_lazy_zeros`) drops its pages, which come back as zero pages
+    when written again. What `restore_kv_cache` needs; the content is gone either way."""
+    held = []
+    for s in unique_storages(t for layer in caches for t in layer):
+        n = s.nbytes()
+        if s.device.type == "cpu" and not s.resizable():
+            _drop_pages(s.data_ptr(), n)
+        else:
+            s.resize_(0)
+        held.append((s, n))
+    return held
+
+
+def restore_kv_cache(held: list[tuple[torch.UntypedStorage, int]]) -> None:
+    """Memory for a released KV cache again, zero-filled (padded rows read finite values), at new
+    addresses on CUDA (CUDA graphs over the old ones must be captured again)."""
+    for s, n in held:
+        if s.nbytes() != n:
+            s.resize_(n)
+            storage_bytes(s).zero_()
+
+
+def _drop_pages(address: int, nbytes: int) -> bool:
+    """madvise(MADV_REMOVE) over the anonymous mapping `_lazy_zeros` made (Python maps it shared, where
+    MADV_DONTNEED would keep the pages): they are freed and read as zeros after. False (nothing
+    freed, the content kept) where that is not possible."""
+    import ctypes
+    import mmap
+
+    advice = getattr(mmap, "MADV_REMOVE", None)
+    if address % mmap.PAGESIZE or advice is None:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.madvise(ctypes.c_void_p(address), ctypes.c_size_t(nbytes), advice) == 0
+    except (OSError, AttributeError):
+        return False

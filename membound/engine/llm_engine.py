@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -14,6 +15,9 @@ import torch
 from membound.config import EngineConfig
 from membound.engine.builder import build_engine, decode_graphs
 from membound.engine.core import StepTiming
+from membound.engine.kv_cache import release_kv_cache, restore_kv_cache
+from membound.engine.model_runner import OffloadedWeights, reload_weights
+from membound.engine.model_runner import offload_weights as _offload_weights
 from membound.engine.output import make_output
 from membound.engine.request import Request
 from membound.engine.structured import StructuredOutputs
@@ -64,6 +68,9 @@ class LLMEngine:
         self.core = parts.core
         self._structured: StructuredOutputs | None = None  # made with the first constrained request
         self._structured_lock = threading.Lock()
+        self.stream: torch.cuda.Stream | None = None  # `use_own_stream`: this engine's CUDA stream
+        self._asleep: _Asleep | None = None  # `sleep`: what `wake` restores
+        self._host_weights: OffloadedWeights | None = None  # host copies kept from the last sleep
 
     # ------------------------------------------------------------------ requests
 
@@ -227,8 +234,13 @@ class LLMEngine:
 
         With async scheduling a step's result is reported by the next call: while the device
         runs step N, the host schedules and launches step N+1, and only then waits for N's
-        tokens (core.py)."""
-        return self.core.step()
+        tokens (core.py). An engine asleep wakes first."""
+        if self.stream is None and self._asleep is None:
+            return self.core.step()
+        with self.stream_scope():
+            if self._asleep is not None:
+                self.wake()
+            return self.core.step()
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -264,3 +276,81 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         """Forget all cached prefixes; later requests recompute them."""
         self.allocator.reset_cache()
+
+    # ------------------------------------------------------------------ several engines in one process
+
+    def use_own_stream(self) -> None:
+        """Run this engine's device work on a CUDA stream of its own (`stream_scope`), so engines
+        sharing a GPU overlap; ordered after everything queued so far. No-op on CPU."""
+        if self.device.type == "cuda" and self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def stream_scope(self) -> contextlib.AbstractContextManager:
+        """The engine's stream as the current one (`use_own_stream`), else nothing."""
+        return contextlib.nullcontext() if self.stream is None else torch.cuda.stream(self.stream)
+
+    @property
+    def sleeping(self) -> bool:
+        return self._asleep is not None
+
+    def sleep(self, offload_weights: bool | None = None) -> float:
+        """Give this engine's memory back while it has nothing to run: the KV cache is freed (its
+        content, and so the prefix cache, is forgotten), and with `offload_weights` (default: on
+        CUDA) the weights move to pinned host memory and captured CUDA graphs are dropped.
+        `wake()` (or the next `step()`) undoes it. Seconds taken; RuntimeError with requests still
+        unfinished (they would lose their KV)."""
+        if self._asleep is not None:
+            return 0.0
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"cannot sleep with {self.num_unfinished_requests} requests unfinished")
+        t0 = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        offload = cuda if offload_weights is None else offload_weights
+        with self.stream_scope():
+            self.core.drain()  # a step launched ahead: only wasted rows, but it still reads the cache
+            if cuda:  # this engine's work done (other engines' streams run on)
+                torch.cuda.current_stream(self.device).synchronize()
+            # Every block is free once nothing runs; their cached content is about to go.
+            self.allocator.reset_cache()
+            graphs = self.runner.graphs
+            recapture = graphs is not None and bool(graphs.graphs)  # captured over the old addresses
+            if recapture:
+                self.runner.graphs = None
+            del graphs
+            kv = release_kv_cache(self.runner.kv_caches)
+            weights = None
+            if offload:
+                weights = _offload_weights(self.model, self.device, self._host_weights)
+                self._host_weights = weights
+            if cuda:
+                torch.cuda.empty_cache()
+        self._asleep = _Asleep(kv, weights, recapture)
+        return time.perf_counter() - t0
+
+    def wake(self) -> float:
+        """Undo `sleep`: weights back on the device, a zeroed KV cache, CUDA graphs captured again.
+        Seconds taken (0 if awake)."""
+        asleep = self._asleep
+        if asleep is None:
+            return 0.0
+        t0 = time.perf_counter()
+        with self.stream_scope():
+            if asleep.weights is not None:
+                reload_weights(asleep.weights)
+            restore_kv_cache(asleep.kv)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            if asleep.recapture:
+                graphs = decode_graphs(self.model, self.runner.kv_caches, self.config, self.max_model_len, self.device)
+                graphs.capture()
+                self.runner.graphs = graphs
+        self._asleep = None
+        return time.perf_counter() - t0
+
+
+@dataclasses.dataclass
+class _Asleep:
+    kv: list  # the KV storages released and their sizes (kv_cache.release_kv_cache)
+    weights: OffloadedWeights | None  # None: the weights stayed on the device
+    recapture: bool  # CUDA graphs were dropped and are captured again on wake

@@ -16,6 +16,7 @@ import torch
 
 from membound.engine.cuda_graphs import DecodeGraphs
 from membound.engine.input_batch import InputBatch
+from membound.engine.kv_cache import storage_bytes, unique_storages
 from membound.engine.request import Request
 from membound.engine.sampler import (
     SamplerOutput,
@@ -209,3 +210,67 @@ class ModelRunner:
         if step.pending is None:
             return None
         return unpack(self.copier.wait(step.pending), step.batch)
+
+
+# ---------------------------------------------------------------------- sleep / wake (LLMEngine.sleep)
+
+
+def module_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Every tensor a model's modules hold: parameters, buffers, and plain tensor attributes (or
+    lists, tuples and dicts of them), as packed layers keep some."""
+    out: list[torch.Tensor] = []
+
+    def add(v) -> None:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, list | tuple):
+            for x in v:
+                add(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                add(x)
+
+    for m in model.modules():
+        for name, v in vars(m).items():
+            if name != "_modules":
+                add(v)
+    return out
+
+
+@dataclasses.dataclass
+class OffloadedWeights:
+    """A model's device storages, emptied, and the host copies that refill them (`reload_weights`)."""
+
+    storages: list[torch.UntypedStorage]
+    host: list[torch.Tensor]  # uint8, pinned where CUDA is; kept for the next sleep
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.numel() for h in self.host)
+
+
+def offload_weights(model: torch.nn.Module, device: torch.device, reuse: OffloadedWeights | None = None):
+    """Copy the model's `device` storages to host memory (pinned where CUDA is) and free them; every
+    tensor and view stays valid, pointing at no memory until `reload_weights`. `reuse`: an earlier
+    offload's host buffers, used again where the sizes match. Storages that cannot be resized (memory
+    mapped from a file) stay where they are."""
+    storages = [s for s in unique_storages(module_tensors(model)) if s.device.type == device.type and s.resizable()]
+    old = reuse.host if reuse is not None else []
+    host = []
+    pin = torch.cuda.is_available()
+    for i, s in enumerate(storages):
+        n = s.nbytes()
+        buf = old[i] if i < len(old) and old[i].numel() == n else torch.empty(n, dtype=torch.uint8, pin_memory=pin)
+        buf.copy_(storage_bytes(s))
+        host.append(buf)
+    for s in storages:
+        s.resize_(0)
+    return OffloadedWeights(storages, host)
+
+
+def reload_weights(w: OffloadedWeights) -> None:
+    """Memory for the offloaded storages again, refilled from the host copies (in the current
+    stream's order; the caller synchronizes before anything else reads them from another stream)."""
+    for s, h in zip(w.storages, w.host, strict=True):
+        s.resize_(h.numel())
+        storage_bytes(s).copy_(h, non_blocking=h.is_pinned())

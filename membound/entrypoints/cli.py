@@ -34,7 +34,20 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
         "the CPU has bf16 in hardware, else fp32)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + output (default: the model's)")
+    g.add_argument(
+        "--max-model-len",
+        type=_int_or_auto,
+        default=None,
+        help="longest prompt + output (default: the model's); auto: the longest at which --target-concurrency "
+        "sequences fit in the KV cache (with --kv-cache-dtype auto, a narrower KV precision if the run dtype "
+        "cannot hold the model's full context)",
+    )
+    g.add_argument(
+        "--target-concurrency",
+        type=int,
+        default=None,
+        help="with --max-model-len auto: sequences that must fit at once at the chosen length (default 1)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument(
@@ -109,6 +122,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer or auto, got {text!r}") from None
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=max_tokens)
@@ -132,6 +154,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         dtype=a.dtype,
         device=a.device,
         max_model_len=a.max_model_len,
+        target_concurrency=a.target_concurrency,
         max_num_seqs=a.max_num_seqs,
         max_num_batched_tokens=a.max_num_batched_tokens,
         long_prefill_token_threshold=a.long_prefill_token_threshold,
@@ -168,11 +191,18 @@ def _mib_to_bytes(mib: float, flag: str) -> int:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    from membound.server import ServerConfig, run
+    from membound.server import ServerConfig, run, run_models
+    from membound.server.models import parse_models, plan_models
 
-    if a.model_tag is not None and a.model is not None and a.model_tag != a.model:
-        raise ConfigError(f"two models given ({a.model_tag!r} and --model {a.model!r}); give one")
-    a.model = a.model_tag or a.model
+    tags = list(a.model_tag)
+    if a.model is not None:
+        if tags and tags != [a.model]:
+            raise ConfigError(
+                f"two models given ({' '.join(map(repr, tags))} and --model {a.model!r}); give one, "
+                "or several as MODEL arguments"
+            )
+        tags = [a.model]
+    a.model = None
     server = ServerConfig(
         host=a.host,
         port=a.port,
@@ -184,7 +214,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_request_body_bytes=_mib_to_bytes(a.max_request_body_mb, "--max-request-body-mb"),
         tool_call_parser=a.tool_call_parser,
     )
-    return run(_engine_config(a), server)
+    specs = parse_models(tags, a.served_model_name, a.model_option, a.load_format)
+    planned, budget = plan_models(specs, _engine_config(a), a.max_loaded_models)
+    if len(planned) == 1:
+        server.served_model_names = planned[0].names
+        return run(planned[0].config, server)
+    return run_models(planned, budget, server)
 
 
 def _local_device_spec(cpu: bool = False):
@@ -392,7 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible API. Any OpenAI client works: "
         "base_url=http://HOST:PORT/v1. Engine flags are named as in vLLM.",
     )
-    s.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    s.add_argument(
+        "model_tag",
+        nargs="*",
+        default=[],
+        metavar="MODEL",
+        help="same as --model; several (PATH or NAME=PATH each) are served by one process, a request going "
+        "to the model its 'model' field names (default: the first); each gets a share of the memory budget "
+        "(--model-option NAME share=F; default: equal parts)",
+    )
     _engine_args(s)
     g = s.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
@@ -431,6 +474,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="how tool calls are read from the output with tool_choice auto: hermes (Qwen, and templates without "
         "tools), llama3_json or mistral; auto picks the format the model's chat template writes (default)",
     )
+    g = s.add_argument_group("several models")
+    g.add_argument(
+        "--model-option",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar=("NAME", "KEY=VALUE"),
+        help="settings of one model, repeatable: share (fraction of the memory budget: of "
+        "--gpu-memory-utilization on CUDA, of the KV budget on CPU or with --kv-cache-memory), max_model_len, "
+        "max_num_seqs, max_num_batched_tokens, target_concurrency, kv_cache_memory (MiB); other engine flags "
+        "apply to every model",
+    )
+    g.add_argument(
+        "--max-loaded-models",
+        type=int,
+        default=None,
+        metavar="K",
+        help="at most K models loaded at once: beyond that the least recently used idle one sleeps (KV cache "
+        "freed, weights moved to pinned host memory on CUDA) and wakes on its next request (default: all)",
+    )
     s.set_defaults(func=cmd_serve)
     pl = sub.add_parser(
         "plan",
@@ -440,7 +503,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("model", nargs="?", default=None, help="preset name, GGUF file (header only) or HF folder")
     pl.add_argument("--gpu", default="auto", help="a GPU from the table (e.g. h100-sxm, rtx-4090), auto, or cpu")
-    pl.add_argument("--context", type=int, default=None, help="tokens per sequence (default: min(model max, 8192))")
+    pl.add_argument(
+        "--context",
+        type=_int_or_auto,
+        default=None,
+        help="tokens per sequence (default: min(model max, 8192)); auto: the longest at which --concurrency "
+        "sequences fit, as the engine's --max-model-len auto --target-concurrency chooses it",
+    )
     pl.add_argument("--concurrency", type=int, default=1, help="sequences held at once")
     pl.add_argument(
         "--weights",

@@ -1,4 +1,7 @@
-"""The HTTP front: FastAPI routes, OpenAI-shaped errors, auth, disconnect handling, `run()`."""
+"""The HTTP front: FastAPI routes, OpenAI-shaped errors, auth, disconnect handling, `run()`.
+
+One model (`build_app`, `run`) or several (`build_models_app`, `run_models`: one engine each, a
+request routed by its `model` field; server/models.py splits the device between them)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import functools
 import hmac
 import logging
 import math
@@ -26,9 +30,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import membound
 from membound.config import EngineConfig
 from membound.engine.llm_engine import LLMEngine
-from membound.errors import ConfigError, EngineDeadError, InvalidRequestError, QueueFullError, RequestFailedError
+from membound.errors import (
+    ConfigError,
+    EngineDeadError,
+    InvalidRequestError,
+    MemboundError,
+    QueueFullError,
+    RequestFailedError,
+)
 from membound.server.async_engine import AsyncEngine, EngineState, OutputStream
-from membound.server.metrics import ServerMetrics
+from membound.server.metrics import MetricFamilies, ServerMetrics
+from membound.server.models import Budget, DeviceGate, ModelNotFoundError, PlannedModel, Residency, describe_split
 from membound.server.protocol import ChatCompletionRequest, CompletionRequest, error_body, validation_message
 from membound.server.serving import ServingContext, chat_job, completion_job
 from membound.server.tokenize import (
@@ -188,52 +200,87 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+@dataclasses.dataclass
+class ServedModel:
+    """One model behind the server: its names (the first is reported) and its engine."""
+
+    names: tuple[str, ...]
+    engine: AsyncEngine
+    max_model_len_hint: int | str | None = None  # /v1/models before the engine is ready
+    _context: ServingContext | None = None  # made when first needed: it caches the tokenizer's bound
+
+
 def build_app(
     engine: AsyncEngine, server: ServerConfig, model_names: tuple[str, ...], max_model_len_hint: int | None
 ) -> FastAPI:
     """The FastAPI app around an (unstarted) AsyncEngine; the app's lifespan starts and stops it."""
+    return build_models_app([ServedModel(tuple(model_names), engine, max_model_len_hint)], server)
+
+
+def build_models_app(models: list[ServedModel], server: ServerConfig) -> FastAPI:
+    """The app around one engine per model (their names distinct). A request goes to the model its
+    `model` field names (none: the first model); with several models an unknown name is a 404 naming
+    them (with one, the 400 it has always been). The lifespan starts engines not started yet, and
+    stops them all."""
+    multi = len(models) > 1
+    by_name = {n: m for m in models for n in m.names}
+    if len(by_name) != sum(len(m.names) for m in models):
+        raise ConfigError("two served models share a name")
+    engines = [m.engine for m in models]
+    first = models[0].engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if engine.started:  # `run()` loaded the model before serving
-            engine.attach(asyncio.get_running_loop())
-        else:
-            engine.start(asyncio.get_running_loop())
+        for engine in engines:
+            if engine.started:  # `run()` loaded the model before serving
+                engine.attach(asyncio.get_running_loop())
+            else:
+                engine.start(asyncio.get_running_loop())
         # Jobs (the big fields' validation, tokenization, chat templates) are built here, off the loop.
         app.state.jobs = concurrent.futures.ThreadPoolExecutor(_JOB_THREADS, thread_name_prefix="membound-job")
         try:
             yield
         finally:
             app.state.jobs.shutdown(wait=False, cancel_futures=True)
-            await asyncio.to_thread(engine.stop)
+            await asyncio.gather(*(asyncio.to_thread(engine.stop) for engine in engines))
 
     app = FastAPI(title="membound", version=membound.__version__, lifespan=lifespan)
-    contexts: list[ServingContext] = []  # one, made when first needed: it caches the tokenizer's bound
 
-    def context() -> ServingContext:
+    def pick(name: str | None) -> ServedModel:
+        if name is None or not multi:
+            return models[0]  # one model: the job checks the name (400), as it always has
+        m = by_name.get(name)
+        if m is None:
+            raise ModelNotFoundError(f"model {name!r} is not served here; this server serves {', '.join(by_name)}")
+        return m
+
+    def unavailable(m: ServedModel) -> str:
+        message = m.engine.unavailable_message()
+        return f"model {m.names[0]}: {message}" if multi else message
+
+    def context(m: ServedModel) -> ServingContext:
+        engine = m.engine
         if engine.state is not EngineState.READY:
-            raise EngineDeadError(engine.unavailable_message())
-        if not contexts:
+            raise EngineDeadError(unavailable(m))
+        if m._context is None:
             e = engine.engine
             template = e.tokenizer.chat_template if e.tokenizer is not None else None
-            contexts.append(
-                ServingContext(
-                    engine, e.tokenizer, model_names, e.max_model_len, e.config.max_num_seqs,
-                    pick_parser(template, server.tool_call_parser),
-                )
+            m._context = ServingContext(
+                engine, e.tokenizer, m.names, e.max_model_len, e.config.max_num_seqs,
+                pick_parser(template, server.tool_call_parser),
             )  # fmt: skip
-        return contexts[0]
+        return m._context
 
-    async def build(make_job, body):
-        job = asyncio.wrap_future(app.state.jobs.submit(make_job, context(), body))
-        closing = asyncio.ensure_future(engine.closing.wait())
+    async def build(make_job, body, m: ServedModel):
+        job = asyncio.wrap_future(app.state.jobs.submit(make_job, context(m), body))
+        closing = asyncio.ensure_future(m.engine.closing.wait())
         try:
             await asyncio.wait({job, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
         if not job.done():  # past --shutdown-timeout while still tokenizing: answered now, its result dropped
             job.cancel()
-            raise EngineDeadError(engine.unavailable_message())
+            raise EngineDeadError(unavailable(m))
         return job.result()
 
     # ---------------------------------------------------------------- errors
@@ -247,10 +294,12 @@ def build_app(
     async def _invalid(request: Request, exc: InvalidRequestError):
         return _error(400, str(exc), "invalid_request_error", exc.param)
 
+    @app.exception_handler(ModelNotFoundError)
+    async def _no_model(request: Request, exc: ModelNotFoundError):
+        return _error(404, str(exc), "invalid_request_error", exc.param, code="model_not_found")
+
     @app.exception_handler(QueueFullError)
     async def _full(request: Request, exc: QueueFullError):
-        if engine.metrics is not None:
-            engine.metrics.on_rejected("queue_full")
         return _error(429, str(exc), "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
     @app.exception_handler(EngineDeadError)
@@ -281,31 +330,44 @@ def build_app(
 
     @app.get("/health")
     async def health():
-        if engine.state is EngineState.READY:
+        down = [m for m in models if m.engine.state is not EngineState.READY]
+        if not down:  # (a model asleep is ready: its next request wakes it)
             return Response(status_code=200)
-        return _error(503, engine.unavailable_message(), "service_unavailable")
+        return _error(503, "; ".join(unavailable(m) for m in down), "service_unavailable")
 
     @app.get("/version")
     async def version():
         return {"version": membound.__version__}
 
     @app.get("/v1/models")
-    async def models():
-        max_len = engine.engine.max_model_len if engine.state is EngineState.READY else max_model_len_hint
+    async def list_models():
         now = int(time.time())
-        cards = [
-            {"id": name, "object": "model", "created": now, "owned_by": "membound", "root": model_names[0]}
-            for name in model_names
-        ]
-        return {"object": "list", "data": [{**c, "max_model_len": max_len} for c in cards]}
+        cards = []
+        for m in models:
+            ready = m.engine.state is EngineState.READY
+            hint = m.max_model_len_hint if isinstance(m.max_model_len_hint, int) else None
+            max_len = m.engine.engine.max_model_len if ready else hint
+            cards += [
+                {"id": name, "object": "model", "created": now, "owned_by": "membound", "root": m.names[0],
+                 "max_model_len": max_len}
+                for name in m.names
+            ]  # fmt: skip
+        return {"object": "list", "data": cards}
 
     @app.get("/metrics")
     async def metrics():
-        data = generate_latest(engine.metrics.registry) if engine.metrics is not None else b""
+        # Several models share one registry (MetricFamilies), each sample labelled by model_name.
+        data = generate_latest(first.metrics.registry) if first.metrics is not None else b""
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
-    async def respond(request: Request, job) -> Response:
-        outputs = await engine.add(job.subs)
+    async def respond(request: Request, job, m: ServedModel) -> Response:
+        engine = m.engine
+        try:
+            outputs = await engine.add(job.subs)
+        except QueueFullError:
+            if engine.metrics is not None:
+                engine.metrics.on_rejected("queue_full")
+            raise
         if job.body.stream:
             return _AbortingStreamingResponse(job.stream(outputs), outputs)
         collect = asyncio.ensure_future(job.full_response(outputs))
@@ -323,27 +385,29 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await respond(request, await build(completion_job, body))
+        m = pick(body.model)
+        return await respond(request, await build(completion_job, body, m), m)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await respond(request, await build(chat_job, body))
+        m = pick(body.model)
+        return await respond(request, await build(chat_job, body, m), m)
 
     # vLLM's tokenizer routes, at the root as vLLM serves them and under /v1 too (left out of the schema).
     @app.post("/tokenize")
     @app.post("/v1/tokenize", include_in_schema=False)
     async def tokenize(body: TokenizeRequest):
-        return JSONResponse(await build(tokenize_job, body))
+        return JSONResponse(await build(tokenize_job, body, pick(body.model)))
 
     @app.post("/detokenize")
     @app.post("/v1/detokenize", include_in_schema=False)
     async def detokenize(body: DetokenizeRequest):
-        return JSONResponse(await build(detokenize_job, body))
+        return JSONResponse(await build(detokenize_job, body, pick(body.model)))
 
     @app.get("/tokenizer_info")
     @app.get("/v1/tokenizer_info", include_in_schema=False)
-    async def tokenizer_info():
-        return JSONResponse(await build(tokenizer_info_job, None))
+    async def tokenizer_info(request: Request):  # several models: ?model=NAME (default: the first)
+        return JSONResponse(await build(tokenizer_info_job, None, pick(request.query_params.get("model"))))
 
     return app
 
@@ -353,9 +417,9 @@ class _Server(uvicorn.Server):
     still running past --shutdown-timeout itself (a last chunk, an error), before uvicorn would
     cancel it (a cut stream, a plain-text 500, tracebacks)."""
 
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, shutdown_timeout: float) -> None:
+    def __init__(self, config: uvicorn.Config, engines: list[AsyncEngine], shutdown_timeout: float) -> None:
         super().__init__(config)
-        self._engine, self._shutdown_timeout = engine, shutdown_timeout
+        self._engines, self._shutdown_timeout = engines, shutdown_timeout
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -377,10 +441,11 @@ class _Server(uvicorn.Server):
     def _past_timeout(self) -> None:
         t = self._shutdown_timeout
         log.warning("requests still running %gs after the stop signal (--shutdown-timeout): aborting them", t)
-        self._engine.abort_all(
-            f"the server is shutting down: this request was still running {t:g}s after the stop signal "
-            "(--shutdown-timeout) and was aborted; retry it elsewhere or later"
-        )
+        for engine in self._engines:
+            engine.abort_all(
+                f"the server is shutting down: this request was still running {t:g}s after the stop signal "
+                "(--shutdown-timeout) and was aborted; retry it elsewhere or later"
+            )
 
 
 def bind_sockets(host: str, port: int) -> list[socket.socket]:
@@ -429,24 +494,86 @@ def run(engine_config: EngineConfig, server: ServerConfig) -> int:
         metrics=ServerMetrics(model_names[0]),
         log_interval=server.log_interval,
     )
+    return _serve([ServedModel(model_names, engine, engine_config.max_model_len)], server)
+
+
+def run_models(planned: list[PlannedModel], budget: Budget, server: ServerConfig) -> int:
+    """`run` for several models (server/models.py `plan_models`): every path checked, the port bound,
+    then the engines built one after another (each memory plan sees what the others hold; past
+    `budget.max_loaded` the least recently used one sleeps before the next loads), the memory split
+    logged, then uvicorn."""
+    from membound.model.loader import resolve_model
+
+    for p in planned:
+        try:
+            resolve_model(p.config.model, p.config.load_format)
+        except MemboundError as e:
+            raise ConfigError(f"model {p.name!r}: {e}") from None
+    families = MetricFamilies()  # one registry; every sample labelled by its model_name
+    cuda = planned[0].config.torch_device().type == "cuda"
+    gate = DeviceGate(exclusive_steps=not cuda)
+    residency = Residency(budget.max_loaded, gate) if budget.max_loaded < len(planned) else None
+    models = [
+        ServedModel(
+            p.names,
+            AsyncEngine(
+                functools.partial(LLMEngine, p.config),
+                server.max_queued_requests,
+                metrics=ServerMetrics(p.name, families=families),
+                log_interval=server.log_interval,
+                name=p.name,
+                residency=residency,
+                gate=gate,
+                own_stream=True,
+            ),
+            p.config.max_model_len,
+        )
+        for p in planned
+    ]
+
+    def before_load(i: int) -> None:
+        if residency is not None and residency.num_awake() >= budget.max_loaded:
+            victim = residency.least_recently_used()
+            if victim is not None:
+                victim.request_sleep().result()
+
+    def after_load() -> None:
+        for line in describe_split([(p, m.engine.engine) for p, m in zip(planned, models, strict=True)], budget):
+            log.info("%s", line)
+
+    return _serve(models, server, before_load, after_load)
+
+
+def _serve(models: list[ServedModel], server: ServerConfig, before_load=None, after_load=None) -> int:
+    engines = [m.engine for m in models]
+    multi = len(models) > 1
     stop = threading.Event()  # a stop signal while loading: handled from before the port is bound
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     sockets: list[socket.socket] = []
     try:
         sockets = bind_sockets(server.host, server.port)
-        engine.start()
-        while engine.loading and not stop.is_set():
-            engine.wait_loaded(0.1)
-        if stop.is_set() and engine.loading:
-            log.info("stopped while the model was loading")
-            logging.shutdown()
-            # The engine thread is inside the load (native code) and can be neither stopped nor joined;
-            # letting the interpreter tear down under it aborts the process (exit -6).
-            os._exit(0)
-        if engine.load_error is not None:
-            raise engine.load_error
-        if stop.is_set():  # the signal came as the load finished: a clean stop, nothing served
-            return 0
+        for i, m in enumerate(models):  # one after another: each memory plan sees what the others hold
+            engine = m.engine
+            if before_load is not None:
+                before_load(i)
+            engine.start()
+            while engine.loading and not stop.is_set():
+                engine.wait_loaded(0.1)
+            if stop.is_set() and engine.loading:
+                log.info("stopped while the model was loading")
+                logging.shutdown()
+                # The engine thread is inside the load (native code) and can be neither stopped nor joined;
+                # letting the interpreter tear down under it aborts the process (exit -6).
+                os._exit(0)
+            if engine.load_error is not None:
+                e = engine.load_error
+                if multi and isinstance(e, MemboundError):
+                    raise ConfigError(f"model {m.names[0]!r}: {e}") from None
+                raise e
+            if stop.is_set():  # the signal came as the load finished: a clean stop, nothing served
+                return 0
+        if after_load is not None:
+            after_load()
         for sock in sockets:
             try:
                 # Bound before loading, listening only now. Two servers loading at once can both bind
@@ -457,14 +584,14 @@ def run(engine_config: EngineConfig, server: ServerConfig) -> int:
                 raise ConfigError(
                     f"{where} is already in use ({e.strerror}); stop what holds it or pick another --port"
                 ) from None
-        app = build_app(engine, server, model_names, engine_config.max_model_len)
+        app = build_models_app(models, server)
         config = uvicorn.Config(
             app,
             log_level="info",
             timeout_graceful_shutdown=server.shutdown_timeout + _UVICORN_GRACE,
             access_log=False,
         )
-        uv = _Server(config, engine, server.shutdown_timeout)
+        uv = _Server(config, engines, server.shutdown_timeout)
         # From here a stop signal is uvicorn's; it re-raises the signal after a graceful stop, which
         # lands here again and does nothing, so the process exits 0.
         for sig in handlers:
@@ -476,5 +603,6 @@ def run(engine_config: EngineConfig, server: ServerConfig) -> int:
             signal.signal(sig, previous)
         for sock in sockets:
             sock.close()
-        engine.stop(timeout=0 if engine.loading else 10.0)
+        for engine in engines:
+            engine.stop(timeout=0 if engine.loading else 10.0)
     return 0

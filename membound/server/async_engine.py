@@ -6,12 +6,17 @@ step's outputs to the event loop in one `call_soon_threadsafe`. The HTTP side ne
 blocks on the engine, and every HTTP request shares the one continuous batch. Torch
 releases the GIL inside kernels, so the front's Python work overlaps the model's
 (benchmarks/cpu_serve.py measures the cost against the bare engine).
+
+Several models in one server (server/models.py) are one `AsyncEngine` each, with a `name`, its own
+CUDA stream, a `DeviceGate` around its steps and a `Residency` that may put it to sleep while it has
+nothing to run, and wakes it before it steps again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -19,12 +24,16 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from membound.engine.llm_engine import LLMEngine
 from membound.errors import EngineDeadError, InvalidRequestError, MemboundError, QueueFullError
 from membound.outputs import RequestOutput
 from membound.sampling_params import RequestOutputKind, SamplingParams
 from membound.server.metrics import ServerMetrics, StatsLogger
+
+if TYPE_CHECKING:
+    from membound.server.models import DeviceGate, Residency
 
 log = logging.getLogger("membound.server")
 
@@ -58,8 +67,14 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclasses.dataclass
+class _Sleep:
+    done: concurrent.futures.Future
+
+
 _STOP = object()
 _ABORT_ALL = object()
+_NUDGE = object()  # another engine waits for a loaded slot: an idle one reconsiders now
 
 
 class OutputCollector:
@@ -136,11 +151,19 @@ class AsyncEngine:
         metrics: ServerMetrics | None = None,
         log_interval: float = 5.0,
         idle_poll: float = 0.5,
+        name: str | None = None,
+        residency: Residency | None = None,
+        gate: DeviceGate | None = None,
+        own_stream: bool = False,
     ) -> None:
         self._make_engine = make_engine
         self.max_queued_requests = max_queued_requests
         self.metrics = metrics
-        self._stats_logger = StatsLogger(log_interval)
+        self.name = name  # several models in one server: whose engine this is (logs)
+        self._residency = residency
+        self._gate = gate
+        self._own_stream = own_stream
+        self._stats_logger = StatsLogger(log_interval, prefix=f"{name}: " if name else "")
         self._idle_poll = idle_poll
         self._commands: queue.Queue = queue.Queue()
         self._lock = threading.Lock()  # orders state changes against command submission
@@ -196,6 +219,20 @@ class AsyncEngine:
             self._closing = message
             if self._state is EngineState.READY:
                 self._commands.put(_ABORT_ALL)
+
+    def nudge(self) -> None:
+        """Wake the engine thread from its idle wait (to reconsider sleeping). Any thread."""
+        self._commands.put(_NUDGE)
+
+    def request_sleep(self) -> concurrent.futures.Future:
+        """Put the (idle) engine to sleep on its thread; the future is done once it is asleep. Any thread."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._state is not EngineState.READY or self._residency is None:
+                done.set_exception(EngineDeadError(self.unavailable_message()))
+                return done
+            self._commands.put(_Sleep(done))
+        return done
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort what is left, stop the thread. Safe to call more than once."""
@@ -293,31 +330,48 @@ class AsyncEngine:
         with self._lock:
             if self._state is EngineState.LOADING:
                 self._state = EngineState.READY
+        if self._own_stream:
+            engine.use_own_stream()
+        if self._residency is not None:
+            self._residency.loaded(self)
         self._ready.set()
-        log.info("engine ready")
+        log.info("engine ready" if self.name is None else f"engine ready: model {self.name}")
         try:
-            self._loop_forever(engine)
+            with engine.stream_scope():
+                self._loop_forever(engine)
         except BaseException as e:  # noqa: BLE001 - a bug in a step: fail requests loudly, don't hang them
             log.exception("the engine loop failed")
             self._die(f"{type(e).__name__}: {e}")
             return
+        finally:
+            if self._residency is not None:
+                self._residency.remove(self)
         # Stopped: abort everything still in flight so every waiter gets its final output.
-        self._drain_commands(engine, block=False)
-        for rid in engine.request_ids():
-            self._abort(engine, rid)
+        with engine.stream_scope():
+            self._drain_commands(engine, block=False)
+            for rid in engine.request_ids():
+                self._abort(engine, rid)
 
     def _loop_forever(self, engine: LLMEngine) -> None:
         while True:
             if not self._drain_commands(engine, block=not engine.has_unfinished_requests()):
                 return
             if engine.has_unfinished_requests():
-                outputs = engine.step()
-                now = time.time()
-                if outputs:
-                    if self.metrics is not None:
-                        self.metrics.on_outputs(outputs, now)
-                    self._to_loop(self._deliver, outputs)
+                # Asleep and no loaded slot free: ensure_awake waited a moment; commands (aborts) apply meanwhile.
+                if self._residency is None or self._residency.ensure_awake(self, engine):
+                    self._step(engine)
+            elif self._residency is not None and self._commands.empty():
+                self._residency.idle(self, engine)  # may sleep now: another model waits for its slot
             self._after_step(engine)
+
+    def _step(self, engine: LLMEngine) -> None:
+        with self._gate.step() if self._gate is not None else contextlib.nullcontext():
+            outputs = engine.step()
+        now = time.time()
+        if outputs:
+            if self.metrics is not None:
+                self.metrics.on_outputs(outputs, now)
+            self._to_loop(self._deliver, outputs)
 
     def _after_step(self, engine: LLMEngine) -> None:
         stats = engine.stats()
@@ -339,6 +393,10 @@ class AsyncEngine:
                     self._abort(engine, rid)
             elif isinstance(cmd, _Add):
                 self._add(engine, cmd)
+            elif isinstance(cmd, _Sleep):
+                self._sleep(engine, cmd)
+            elif cmd is _NUDGE:
+                pass  # back in the loop, an idle engine reconsiders sleeping
             else:
                 for rid in cmd.request_ids:
                     self._abort(engine, rid)
@@ -372,6 +430,17 @@ class AsyncEngine:
             return
         cmd.done.set_result(None)
 
+    def _sleep(self, engine: LLMEngine, cmd: _Sleep) -> None:
+        if not cmd.done.set_running_or_notify_cancel():
+            return
+        try:
+            assert self._residency is not None
+            self._residency.sleep_now(self, engine)
+        except BaseException as e:  # noqa: BLE001 - the caller decides what a failed sleep means
+            cmd.done.set_exception(e)
+            return
+        cmd.done.set_result(None)
+
     def _abort(self, engine: LLMEngine, request_id: str) -> None:
         out = engine.abort(request_id)  # the final, aborted state, for a waiter still listening
         if out is not None:
@@ -389,7 +458,7 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(cmd, _Add) and cmd.done.set_running_or_notify_cancel():
+            if isinstance(cmd, _Add | _Sleep) and cmd.done.set_running_or_notify_cancel():
                 cmd.done.set_exception(EngineDeadError(message))
         self._to_loop(self._fail_all, message)
 

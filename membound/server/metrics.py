@@ -1,7 +1,9 @@
 """Prometheus metrics (names mirror vLLM's, prefixed `membound:`) and the periodic stats log line.
 
 Everything here is fed from the engine thread, once per step; prometheus-client's
-metric objects are thread-safe, and each server owns its registry (no global state).
+metric objects are thread-safe, and each server owns its registry (no global state). Every
+metric carries a `model_name` label, as vLLM's do; several models in one server share the
+registry (`MetricFamilies`), one `ServerMetrics` each.
 """
 
 from __future__ import annotations
@@ -24,20 +26,24 @@ _ITL_BUCKETS += (0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
-class ServerMetrics:
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+_WAKE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class MetricFamilies:
+    """The metric families of one registry, labelled by model_name: one server's, shared by its models."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry or CollectorRegistry()
         labels = ["model_name"]
-        r = self.registry
 
         def hist(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(model_name)
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
 
-        def counter(name: str, doc: str) -> Counter:
-            return Counter(name, doc, labels, registry=r).labels(model_name)
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, [*labels, *extra], registry=r)
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, labels, registry=r).labels(model_name)
+            return Gauge(name, doc, labels, registry=r)
 
         self.ttft = hist("membound:time_to_first_token_seconds", "Time to first token (s).", _LATENCY_BUCKETS)
         self.itl = hist("membound:inter_token_latency_seconds", "Time between output tokens (s).", _ITL_BUCKETS)
@@ -59,19 +65,48 @@ class ServerMetrics:
         self.spec_drafts = counter("membound:spec_decode_num_drafts", "Drafting steps (a sequence's drafts verified).")
         self.spec_draft_tokens = counter("membound:spec_decode_num_draft_tokens", "Draft tokens verified.")
         self.spec_accepted = counter("membound:spec_decode_num_accepted_tokens", "Draft tokens accepted.")
-        self._spec_per_pos = Counter(
+        self.spec_per_pos = counter(
             "membound:spec_decode_num_accepted_tokens_per_pos",
             "Draft tokens accepted, by position in the draft.",
-            [*labels, "position"],
-            registry=r,
+            ("position",),
         )
-        success = Counter(
-            "membound:request_success", "Finished requests by reason.", [*labels, "finished_reason"], registry=r
+        self.success = counter("membound:request_success", "Finished requests by reason.", ("finished_reason",))
+        self.rejected = counter(
+            "membound:request_rejected", "Requests refused before queueing, by reason.", ("reason",)
         )
-        self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
-        self.rejected = Counter(
-            "membound:request_rejected", "Requests refused before queueing, by reason.", [*labels, "reason"], registry=r
-        )
+        # Several models in one server (--max-loaded-models): a model beyond the limit sleeps.
+        self.awake = gauge("membound:model_awake", "1 while the model's weights and KV cache are loaded, 0 asleep.")
+        self.wake = hist("membound:model_wake_seconds", "Time to wake a sleeping model (s).", _WAKE_BUCKETS)
+        self.sleep = hist("membound:model_sleep_seconds", "Time to put a model to sleep (s).", _WAKE_BUCKETS)
+
+
+class ServerMetrics:
+    """One model's metrics (its `model_name` label); several share a registry through `families`."""
+
+    def __init__(
+        self, model_name: str, registry: CollectorRegistry | None = None, families: MetricFamilies | None = None
+    ) -> None:
+        f = families or MetricFamilies(registry)
+        self.families = f
+        self.registry = f.registry
+        m = model_name
+        self.ttft, self.itl, self.e2e, self.queue = (h.labels(m) for h in (f.ttft, f.itl, f.e2e, f.queue))
+        self.running, self.waiting, self.kv_usage = (g.labels(m) for g in (f.running, f.waiting, f.kv_usage))
+        self.prompt_tokens = f.prompt_tokens.labels(m)
+        self.generation_tokens = f.generation_tokens.labels(m)
+        self.prefix_queries = f.prefix_queries.labels(m)
+        self.prefix_hits = f.prefix_hits.labels(m)
+        self.preemptions = f.preemptions.labels(m)
+        self.steps = f.steps.labels(m)
+        self.steps_ahead = f.steps_ahead.labels(m)
+        self.spec_drafts = f.spec_drafts.labels(m)
+        self.spec_draft_tokens = f.spec_draft_tokens.labels(m)
+        self.spec_accepted = f.spec_accepted.labels(m)
+        self._spec_per_pos = f.spec_per_pos
+        self.finished = {reason: f.success.labels(m, reason) for reason in FINISH_REASONS}
+        self.rejected = f.rejected
+        self.awake, self.wake, self.sleep = f.awake.labels(m), f.wake.labels(m), f.sleep.labels(m)
+        self.awake.set(1)
         self.model_name = model_name
         self._last_token_time: dict[str, float] = {}
         self._last_stats: EngineStats | None = None
@@ -131,12 +166,23 @@ class ServerMetrics:
     def on_rejected(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
 
+    # ---------------------------------------------------------------- sleep / wake
+
+    def on_sleep(self, seconds: float) -> None:
+        self.sleep.observe(seconds)
+        self.awake.set(0)
+
+    def on_wake(self, seconds: float) -> None:
+        self.wake.observe(seconds)
+        self.awake.set(1)
+
 
 @dataclasses.dataclass
 class StatsLogger:
     """One log line every `interval` seconds while the engine has work."""
 
     interval: float = 5.0
+    prefix: str = ""  # several models in one server: whose line it is ("smol: ")
     _last_time: float = dataclasses.field(default_factory=time.monotonic)
     _last: EngineStats | None = None
 
@@ -156,7 +202,7 @@ class StatsLogger:
         queries = stats.prefix_cache_queries - prev.prefix_cache_queries
         hits = stats.prefix_cache_hits - prev.prefix_cache_hits
         line = (
-            f"prompt {prompt / dt:.1f} tok/s, generation {gen / dt:.1f} tok/s, "
+            f"{self.prefix}prompt {prompt / dt:.1f} tok/s, generation {gen / dt:.1f} tok/s, "
             f"running {stats.num_running}, waiting {stats.num_waiting}, KV cache {stats.kv_usage:.1%}, "
             f"prefix cache hit rate {hits / queries if queries else 0.0:.1%}"
         )
