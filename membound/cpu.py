@@ -81,6 +81,15 @@ def usable_cores() -> int:
     return max(1, n)
 
 
+def omp_thread_limit() -> int | None:
+    """OMP_NUM_THREADS as a positive integer, or None (unset or not a number)."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        return None
+    return n if n > 0 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class CpuLoad:
     """Over one interval: how many of the allowed cores were busy, and how much of that was this process."""
@@ -227,13 +236,18 @@ class ThreadGovernor:
     short burst elsewhere does not flip it back and forth. With `fixed` (--num-threads) it only
     applies that number once."""
 
-    def __init__(self, max_threads: int, fixed: bool = False, interval_s: float = 0.5, set_threads=None) -> None:
+    def __init__(
+        self, max_threads: int, fixed: bool = False, interval_s: float = 0.5, set_threads=None, get_threads=None
+    ) -> None:
         import torch
 
         self.max_threads = max(1, max_threads)
         self.fixed = fixed
         self.interval_s = interval_s
         self._set = set_threads or torch.set_num_threads
+        # The count is the process's, not this engine's: another engine in the process (a multi-model
+        # server) may have set its own since this one's last step.
+        self._get = get_threads or (torch.get_num_threads if set_threads is None else lambda: self.threads)
         self._meter = CpuLoadMeter()
         self._next = 0.0
         self._proposal: int | None = None
@@ -247,6 +261,8 @@ class ThreadGovernor:
 
     def tick(self) -> int:
         """Call between steps; cheap unless a reading is due. Returns the thread count in force."""
+        if self._get() != self.threads:
+            self._set(self.threads)
         if self.fixed or self.max_threads == 1:
             return self.threads
         now = time.monotonic()

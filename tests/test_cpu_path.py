@@ -342,3 +342,29 @@ def test_without_the_c_ops_the_cpu_kernel_set_runs_pytorch(monkeypatch):
     assert cpu_ops.add_rms_norm(x, None, w, 1e-5) is None
     got, want = CPU.add_rms_norm(x, None, w, 1e-5), add_rms_norm(x, None, w, 1e-5)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_governor_puts_its_count_back_when_another_engine_changed_it():
+    """Two engines in one process share torch's thread count: each step runs at its own engine's count."""
+    current = [2]
+    g = cpu.ThreadGovernor(
+        2, fixed=True, set_threads=lambda n: current.__setitem__(0, n), get_threads=lambda: current[0]
+    )
+    current[0] = 1  # the other engine's governor
+    assert g.tick() == 2 and current == [2]
+
+
+def test_engine_thread_cap_is_the_process_allowance_not_another_engines_current_count(monkeypatch, tiny_model_dir):
+    from membound import LLM
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        torch.set_num_threads(1)  # as another engine's governor may have left it
+        llm = LLM(str(tiny_model_dir), skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 20)
+        assert llm.engine.core.threads.max_threads == cpu.usable_cores()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        llm = LLM(str(tiny_model_dir), skip_tokenizer_init=True, kv_cache_memory_bytes=1 << 20)
+        assert llm.engine.core.threads.max_threads == 1
+    finally:
+        torch.set_num_threads(before)

@@ -66,6 +66,20 @@ def test_k_quant_mix_stays_packed(gemma3):
     assert {d.group_size for d in downs if isinstance(d, Int8Linear)} == {16}
 
 
+def test_norm_scales_stay_fp32_in_a_bf16_run(gemma3):
+    """1 + w rounded to bf16 would be off by up to 0.4%; HF computes it in fp32."""
+    model = gemma3.engine.model
+    assert model.run_dtype == torch.bfloat16 and model.norm.weight.dtype == torch.float32
+    assert model.layers[0].post_feedforward_layernorm.weight.dtype == torch.float32
+
+
+def test_float16_is_refused(gemma3_path):
+    from membound.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Gemma 3 does not run in float16"):
+        LLM(gemma3_path, dtype="float16", max_model_len=256)
+
+
 def test_tokenizer_from_gguf_matches_reference(gemma3):
     for p in REF["prompts"]:
         assert gemma3.tokenizer.encode(p["prompt"]) == p["prompt_token_ids"]

@@ -122,6 +122,15 @@ def _plan(args: list[str]):
     return plan_models(specs, _engine_config(a), a.max_loaded_models)
 
 
+def test_one_models_integer_max_model_len_beside_a_global_auto():
+    """--max-model-len auto for all, one model pinned: the pinned one takes no target_concurrency."""
+    planned, _ = _plan([f"a={SMOL}", f"b={SMOL}", "--max-model-len", "auto", "--target-concurrency", "4",
+                        "--model-option", "b", "max_model_len=512"])  # fmt: skip
+    a, b = (p.config for p in planned)
+    assert (a.max_model_len, a.target_concurrency) == ("auto", 4)
+    assert (b.max_model_len, b.target_concurrency) == (512, None)
+
+
 def test_the_kv_budget_is_split_by_share_and_sums_within_it(monkeypatch):
     planned, budget = _plan([f"a={SMOL}", f"b={SMOL}", f"c={SMOL}", "--kv-cache-memory", "90",
                              "--model-option", "c", "share=0.5", "kv_cache_memory=4"])  # fmt: skip

@@ -20,7 +20,7 @@ from membound import costs
 from membound.attention import AttentionBackend, get_backend
 from membound.attention.base import AttentionMetadata
 from membound.config import EngineConfig
-from membound.cpu import ThreadGovernor, loading_heap, usable_cores
+from membound.cpu import ThreadGovernor, loading_heap, omp_thread_limit, usable_cores
 from membound.engine.block_pool import BlockPool
 from membound.engine.core import EngineCore
 from membound.engine.cuda_graphs import DecodeGraphs
@@ -81,8 +81,9 @@ def build_engine(config: EngineConfig) -> EngineParts:
     threads = None
     if device.type == "cpu":
         # Before any op runs: the load and the warm-up already use the thread count.
-        # Never more than the process was given (OMP_NUM_THREADS, or the application's own setting).
-        cores = min(usable_cores(), torch.get_num_threads())
+        # Never more than the process was given (OMP_NUM_THREADS). Not torch's current count: another
+        # engine's governor in this process (a multi-model server) may have lowered it for a while.
+        cores = min(usable_cores(), omp_thread_limit() or usable_cores())
         # batch_invariant: fixed, since a BLAS may split a row's sums differently at another thread count.
         fixed = config.num_threads is not None or config.batch_invariant
         threads = ThreadGovernor(config.num_threads or cores, fixed=fixed)
@@ -95,6 +96,12 @@ def build_engine(config: EngineConfig) -> EngineParts:
     gguf = open_gguf(source)
     mc = load_config(source, gguf)
     dtype = config.torch_dtype(device, runs_packed(resolve_quantization(config.quantization, source, gguf), gguf))
+    if mc.gemma and dtype == torch.float16:
+        # Gemma's activations pass fp16's range (HF and vLLM refuse it too).
+        raise ConfigError(
+            "Gemma 3 does not run in float16 (its activations overflow it); use dtype='bfloat16', or "
+            "dtype='float32' with attention_backend='torch' where the device has no bf16"
+        )
     if backend.name == "triton":
         from membound.kernels.decode_attention import check_shapes
 

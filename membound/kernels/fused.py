@@ -39,7 +39,7 @@ def add_rmsnorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x2 = x.contiguous().view(-1, x.shape[-1])
     rows, n = x2.shape
-    out = torch.empty_like(x2, dtype=torch.result_type(x2, weight))
+    out = torch.empty_like(x2)  # in x's dtype, whatever the weight's (Gemma's are fp32)
     res_out = torch.empty_like(x2) if residual is not None else x2
     res = residual.contiguous().view(-1, n) if residual is not None else x2
     _add_rmsnorm_kernel[(rows,)](

