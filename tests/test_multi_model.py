@@ -176,17 +176,21 @@ def test_sleep_frees_the_kv_cache_and_wake_gives_identical_outputs(tiny_model_di
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want and not e.sleeping
 
 
-def test_device_gate_orders_exclusive_sections_first_come_first_served():
-    gate = DeviceGate(exclusive_steps=True)
-    order = []
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu-thread", "exclusive"])
+def test_device_gate_orders_exclusive_sections_first_come_first_served(cpu):
+    gate = DeviceGate(exclusive_steps=cpu)
+    order, threads_seen = [], set()
     start = threading.Barrier(2)
+
+    def section(name: str) -> None:
+        threads_seen.add(threading.get_ident())
+        order.append(name)
+        time.sleep(0.01)
 
     def worker(name: str) -> None:
         start.wait()
         for _ in range(3):
-            with gate.step():
-                order.append(name)
-                time.sleep(0.01)
+            (gate.run if cpu else gate.run_alone)(section, name)
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in "ab"]
     for t in threads:
@@ -195,6 +199,9 @@ def test_device_gate_orders_exclusive_sections_first_come_first_served():
         t.join()
     assert sorted(order) == list("aaabbb")
     assert max(len(list(run)) for _, run in itertools.groupby(order)) <= 2  # no engine starves the other
+    # On CPU one thread does every engine's device work (one OpenMP pool: see DeviceGate).
+    assert len(threads_seen) == (1 if cpu else 2)
+    gate.close()
 
 
 # ---------------------------------------------------------------------- in process, K = 1

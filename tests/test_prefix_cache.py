@@ -245,3 +245,19 @@ def test_without_hits_the_schedule_is_identical_to_caching_off(tmp_path):
         tiny_llm(tmp_path / "off", blocks=20, max_num_batched_tokens=40, max_num_seqs=4, enable_prefix_caching=False)
     )
     assert len(on) > 10 and on == off
+
+
+def test_block_pool_tells_its_listeners_what_is_cached_and_evicted():
+    """The events a replica reports to the prefix-aware router: cached, evicted, reset."""
+    pool, events = BlockPool(2), []
+    pool.add_cache_listener(lambda event, h: events.append((event, h)))
+    a, b = pool.allocate(2)
+    pool.register(a, b"ha")
+    pool.register(b, b"ha")  # the same content in another block: not cached twice
+    pool.register(a, b"ha")
+    assert events == [("+", b"ha")]
+    pool.free([a, b])
+    pool.allocate(2)  # hands out the cached block again: its content is gone
+    assert events == [("+", b"ha"), ("-", b"ha")] and pool.num_cached == 0
+    pool.reset_cache()
+    assert events[-1] == ("reset", None)

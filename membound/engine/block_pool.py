@@ -76,6 +76,13 @@ class BlockPool:
         self._refs = [0] * num_blocks
         self._hash_of: list[bytes | None] = [None] * num_blocks
         self._block_of: dict[bytes, int] = {}
+        # Told of every change to the cached content: ("+", hash) cached, ("-", hash) evicted,
+        # ("reset", None). A replica reports them to the prefix-aware router (server/replicas.py).
+        self._listeners: list = []
+
+    def add_cache_listener(self, listener) -> None:
+        """Call `listener(event, block_hash)` on each cache change (see `_listeners`), on the engine's thread."""
+        self._listeners.append(listener)
 
     @property
     def num_free(self) -> int:
@@ -142,13 +149,19 @@ class BlockPool:
             return  # already cached, or another block already holds the same content
         self._hash_of[block] = block_hash
         self._block_of[block_hash] = block
+        for listener in self._listeners:
+            listener("+", block_hash)
 
     def reset_cache(self) -> None:
         """Forget every cached block's content (blocks in use stay allocated)."""
         self._block_of.clear()
         self._hash_of = [None] * self.num_blocks
+        for listener in self._listeners:
+            listener("reset", None)
 
     def _evict(self, b: int) -> None:
         h = self._hash_of[b]
         self._hash_of[b] = None
         del self._block_of[h]
+        for listener in self._listeners:
+            listener("-", h)

@@ -93,6 +93,17 @@ def hash_block(parent: bytes | None, token_ids: list[int], extra: bytes = b"") -
     return h.digest()
 
 
+def extend_block_hashes(hashes: list[bytes], token_ids: list[int], block_size: int, extra: bytes = b"") -> list[bytes]:
+    """Append to `hashes` (the chain of `token_ids`' first len(hashes) full blocks) the hashes of the
+    rest of its full blocks; returns `hashes`. The prefix cache's names for a sequence's blocks, and
+    the prefix-aware router's (server/prefix_router.py)."""
+    for i in range(len(hashes), len(token_ids) // block_size):
+        hashes.append(
+            hash_block(hashes[-1] if hashes else None, token_ids[i * block_size : (i + 1) * block_size], extra)
+        )
+    return hashes
+
+
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return (num_tokens + block_size - 1) // block_size
 

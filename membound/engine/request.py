@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from membound.engine.kv_cache import hash_block
+from membound.engine.kv_cache import extend_block_hashes
 from membound.model.tokenizer import Detokenizer
 from membound.outputs import PositionLogprobs, RequestMetrics
 from membound.sampling_params import SamplingParams
@@ -126,10 +126,7 @@ class Request:
 
     def full_block_hashes(self, block_size: int, salt: bytes) -> list[bytes]:
         """Hashes of every full block of `token_ids`, extended as tokens arrive (tokens never change)."""
-        for i in range(len(self.block_hashes), len(self.token_ids) // block_size):
-            parent = self.block_hashes[-1] if self.block_hashes else None
-            self.block_hashes.append(hash_block(parent, self.token_ids[i * block_size : (i + 1) * block_size], salt))
-        return self.block_hashes
+        return extend_block_hashes(self.block_hashes, self.token_ids, block_size, salt)
 
     @property
     def output_token_ids(self) -> list[int]:

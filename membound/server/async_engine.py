@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import enum
 import logging
@@ -315,7 +314,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            engine = self._make_engine()
+            engine = self._gate.run(self._make_engine) if self._gate is not None else self._make_engine()
             self.engine = engine
         except BaseException as e:  # noqa: BLE001 - any load failure must reach /health and the log
             self.load_error = e
@@ -365,8 +364,7 @@ class AsyncEngine:
             self._after_step(engine)
 
     def _step(self, engine: LLMEngine) -> None:
-        with self._gate.step() if self._gate is not None else contextlib.nullcontext():
-            outputs = engine.step()
+        outputs = self._gate.run(engine.step) if self._gate is not None else engine.step()
         now = time.time()
         if outputs:
             if self.metrics is not None:

@@ -19,6 +19,7 @@ thread (and CUDA stream), built one after another so each memory plan sees what 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -312,21 +313,43 @@ def describe_split(entries: list[tuple[PlannedModel, LLMEngine]], budget: Budget
 
 
 class DeviceGate:
-    """Orders device work across the engines of one process. `step()`: on CPU exclusive (two steps
-    at once would each get part of the cores and both be slower), on CUDA shared (each engine has its
-    own stream). `exclusive()`: a sleep or wake, alone on the device (capturing CUDA graphs while
+    """Orders device work across the engines of one process.
+
+    On CPU every engine's device work (load, steps, sleep, wake) runs on one thread, one call at a time
+    (`run`): two steps at once would each get part of the cores, and OpenMP keeps a worker pool per
+    thread that starts parallel regions: with one per engine thread, a lone model decoded at half
+    speed beside an idle one (benchmarks/multi_model.py). On CUDA steps share the device (each engine
+    has its own stream) and `exclusive()` is a sleep or wake alone on it (capturing CUDA graphs while
     another thread launches work is not allowed). Waiters for exclusive access go first-come
     first-served, and new shared holders wait behind them."""
 
     def __init__(self, exclusive_steps: bool) -> None:
         self._exclusive_steps = exclusive_steps
+        self._cpu = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="membound-cpu") if exclusive_steps else None
+        )
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
         self._queue: collections.deque = collections.deque()
 
-    def step(self) -> contextlib.AbstractContextManager:
-        return self.exclusive() if self._exclusive_steps else self.shared()
+    def run(self, fn, *args):
+        """fn(*args) as one engine's device work (a step, a load): on the CPU thread, else shared."""
+        if self._cpu is not None:
+            return self._cpu.submit(fn, *args).result()
+        with self.shared():
+            return fn(*args)
+
+    def run_alone(self, fn, *args):
+        """fn(*args) with the device to itself (a sleep or wake)."""
+        if self._cpu is not None:
+            return self._cpu.submit(fn, *args).result()
+        with self.exclusive():
+            return fn(*args)
+
+    def close(self) -> None:
+        if self._cpu is not None:
+            self._cpu.shutdown(wait=False)
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
@@ -462,20 +485,18 @@ class Residency:
                 self._leaving.discard(a)
                 self._cond.notify_all()
 
-    def _section(self) -> contextlib.AbstractContextManager:
-        return self.gate.exclusive() if self.gate is not None else contextlib.nullcontext()
+    def _alone(self, fn):
+        return self.gate.run_alone(fn) if self.gate is not None else fn()
 
     def _sleep(self, a: AsyncEngine, engine: LLMEngine) -> None:
-        with self._section():
-            seconds = engine.sleep()
+        seconds = self._alone(engine.sleep)
         where = "weights to host memory, KV cache freed" if engine.device.type == "cuda" else "KV cache freed"
         log.info("model %s asleep in %.1f ms (%s)", a.name, seconds * 1e3, where)
         if a.metrics is not None:
             a.metrics.on_sleep(seconds)
 
     def _wake(self, a: AsyncEngine, engine: LLMEngine, waited: float) -> None:
-        with self._section():
-            seconds = engine.wake()
+        seconds = self._alone(engine.wake)
         log.info("model %s woke in %.1f ms (after %.3fs waiting for a loaded slot)", a.name, seconds * 1e3, waited)
         if a.metrics is not None:
             a.metrics.on_wake(seconds)
