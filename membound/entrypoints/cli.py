@@ -214,8 +214,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_request_body_bytes=_mib_to_bytes(a.max_request_body_mb, "--max-request-body-mb"),
         tool_call_parser=a.tool_call_parser,
     )
+    from membound.server.replicas import check_replica_flags
+
+    check_replica_flags(a.replicas, a.ray_address, a.routing)
     specs = parse_models(tags, a.served_model_name, a.model_option, a.load_format)
     planned, budget = plan_models(specs, _engine_config(a), a.max_loaded_models)
+    if a.replicas is not None:
+        from membound.server.replicas import ReplicaConfig, run_replicas
+
+        if len(planned) != 1:
+            raise ConfigError("--replicas serves one model; give one MODEL")
+        replicas = ReplicaConfig(
+            a.replicas, a.ray_address, a.routing or "prefix", imbalance_threshold=a.routing_imbalance_threshold
+        )
+        server.served_model_names = planned[0].names
+        return run_replicas(planned[0].config, server, replicas)
     if len(planned) == 1:
         server.served_model_names = planned[0].names
         return run(planned[0].config, server)
@@ -493,6 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="at most K models loaded at once: beyond that the least recently used idle one sleeps (KV cache "
         "freed, weights moved to pinned host memory on CUDA) and wakes on its next request (default: all)",
+    )
+    g = s.add_argument_group("replicas (Ray Serve; pip install membound[ray])")
+    g.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N engine replicas as a Ray Serve application behind this server's routes (one GPU each on "
+        "CUDA); Ray starts locally unless --ray-address joins a cluster (default: one engine, no Ray)",
+    )
+    g.add_argument("--ray-address", default=None, help="with --replicas: the Ray cluster to join (HOST:6379, auto)")
+    g.add_argument(
+        "--routing",
+        choices=("prefix", "pow2", "round-robin"),
+        default=None,
+        help="with --replicas: prefix (the replica holding the longest prefix of the prompt's block hashes, unless "
+        "its queue is --routing-imbalance-threshold longer than the shortest; default), pow2 (power of two "
+        "choices on queue length) or round-robin",
+    )
+    g.add_argument(
+        "--routing-imbalance-threshold",
+        type=int,
+        default=4,
+        metavar="Q",
+        help="with --routing prefix: queue-length lead past which a prefix match is ignored (default 4)",
     )
     s.set_defaults(func=cmd_serve)
     pl = sub.add_parser(
