@@ -10,12 +10,18 @@ match) power of two choices on queue length. Imports ray: only `serve --replicas
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from membound.engine.kv_cache import extend_block_hashes
+
+log = logging.getLogger("membound")
+
+INDEX_TIMEOUT_S = 1.0  # a match or queue probe slower than this routes by load instead (a dead index)
 
 
 def block_hash_chain(token_ids: list[int], block_size: int, salt: bytes) -> list[bytes]:
@@ -145,11 +151,24 @@ class MemboundRouter(RequestRouter):
             self._next += 1
             return [[candidates[self._next % len(candidates)]]]
         hashes = pending_request.kwargs.get("block_hashes") if pending_request is not None else None
+        # Serve retries a choice whose replicas are full: wait between tries, not a hot loop.
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+        two = random.sample(candidates, min(2, len(candidates)))
         matched: dict[str, int] = {}
-        if hashes and self._index is not None and len(candidates) > 1:
-            matched = await self._index.match.remote(hashes, [r.replica_id.unique_id for r in candidates])
-        if self._policy == "prefix" and matched and max(matched.values()) > 0:
-            lens = await self._queue_lens(candidates)
+        lens: dict[ReplicaID, int] = {}
+        if self._policy == "prefix" and hashes and self._index is not None and len(candidates) > 1:
+            # An exception here would leave the request unrouted for good (Serve drops the routing
+            # task): an index that is slow or gone only costs the prefix match.
+            try:
+                ids = [r.replica_id.unique_id for r in candidates]
+                matched = await asyncio.wait_for(self._index.match.remote(hashes, ids), INDEX_TIMEOUT_S)
+                if matched and max(matched.values()) > 0:
+                    lens = await asyncio.wait_for(self._queue_lens(candidates), INDEX_TIMEOUT_S)
+            except Exception as e:  # noqa: BLE001 - RayActorError, timeouts: fall back to load
+                log.warning("prefix index unavailable (%s: %s); routing by load", type(e).__name__, e)
+                matched, lens = {}, {}
+        if matched and max(matched.values()) > 0:
             if lens:
                 lowest = min(lens.values())
                 best_n = max(matched.values())
@@ -159,10 +178,9 @@ class MemboundRouter(RequestRouter):
                     if lens[pick.replica_id] - lowest <= self._threshold:
                         if rid is not None:
                             self._decisions[rid] = ("prefix", matched)
-                        return [[pick]]
+                        return [[pick], two]  # the pick first; if it is full, power of two
         if rid is not None:
             self._decisions[rid] = ("load", matched)
-        two = random.sample(candidates, min(2, len(candidates)))
         return [two]  # Serve probes both and takes the shorter queue
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:

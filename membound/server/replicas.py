@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from typing import Any
@@ -31,6 +32,8 @@ _ENGINE_DEPLOYMENT = "engine"
 POLICIES = ("prefix", "pow2", "round-robin")  # server/prefix_router.py's MemboundRouter
 _FLUSH_INTERVAL = 0.2  # seconds between a replica's block-event flushes while it is busy
 _METRICS_INTERVAL = 1.0  # seconds between a replica's metrics pushes (and the ingress's refresh)
+_INDEX_TIMEOUT = 2.0  # seconds a block-event flush may take before it is retried with the next one
+_DEAD_EXIT_S = 1.0  # a replica whose engine died exits this long after failing its requests
 
 
 @dataclasses.dataclass
@@ -94,6 +97,9 @@ class _BlockEvents:
         self.queue: collections.deque = collections.deque()
         pool.add_cache_listener(lambda event, block_hash: self.queue.append((event, block_hash)))
 
+    def put_back(self, events: list) -> None:
+        self.queue.extendleft(reversed(events))
+
     def drain(self) -> list:
         out = []
         while self.queue:
@@ -117,6 +123,10 @@ class EngineReplica:
         self.engine = AsyncEngine(
             lambda: LLMEngine(engine_config), max_queued_requests, metrics=ServerMetrics(model_name), log_interval=30.0
         )
+        # A dead engine answers at once with an empty queue: the router would prefer it. Its blocks
+        # leave the index, and the process exits (after its requests' errors go out), so Serve
+        # replaces it now rather than after three failed health checks.
+        self.engine.on_dead = self._on_engine_dead
         self.engine.start()
         self.engine.wait_loaded()
         if self.engine.load_error is not None:
@@ -132,6 +142,13 @@ class EngineReplica:
         self._flush_lock: asyncio.Lock | None = None
         self._background: asyncio.Task | None = None
 
+    def _on_engine_dead(self) -> None:
+        with contextlib.suppress(Exception):
+            self._index.apply.remote(self.replica_id, [("reset", None)])
+        timer = threading.Timer(_DEAD_EXIT_S, os._exit, (1,))
+        timer.daemon = True
+        timer.start()
+
     def _on_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
@@ -144,8 +161,13 @@ class EngineReplica:
         assert self._flush_lock is not None
         async with self._flush_lock:  # in order: a block's + and - must not swap
             events = self._events.drain()
-            if events:
-                await self._index.apply.remote(self.replica_id, events)
+            if not events:
+                return
+            try:
+                await asyncio.wait_for(self._index.apply.remote(self.replica_id, events), _INDEX_TIMEOUT)
+            except Exception:
+                self._events.put_back(events)  # sent with the next flush, still in order
+                raise
 
     async def _report(self) -> None:
         from prometheus_client import generate_latest
@@ -184,8 +206,9 @@ class EngineReplica:
         try:
             yield ("queued",)
             async for out in stream:
-                if out.finished:
-                    await self._flush()  # the index knows this request's blocks before its client does
+                if out.finished:  # the index knows this request's blocks before its client does
+                    with contextlib.suppress(Exception):  # an index that is gone costs routing only
+                        await self._flush()
                 yield ("out", out)
         except EngineDeadError as e:
             yield ("dead", f"replica {self.replica_id}: {e}", None)
@@ -399,10 +422,13 @@ class RemoteEngine:
             kwargs: dict[str, Any] = {"namespace": r.namespace, "log_to_driver": False}
             if r.ray_address is not None:
                 kwargs["address"] = r.ray_address
-            elif r.local_num_cpus is not None:
-                kwargs["num_cpus"] = r.local_num_cpus
+            else:  # a fresh local instance: never a cluster found through RAY_ADDRESS or /tmp/ray
+                kwargs["address"] = "local"
+                if r.local_num_cpus is not None:
+                    kwargs["num_cpus"] = r.local_num_cpus
             ray.init(**kwargs)
-            self._ray_started_here = True
+            # Only what this process started is shut down: on a joined cluster, only this app goes.
+            self._ray_started_here = r.ray_address is None
         serve.start(proxy_location="Disabled")
         index_name = f"{r.app_name}-prefix-index"
         with contextlib.suppress(ValueError):  # left over from an earlier run of this app
