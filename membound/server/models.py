@@ -461,12 +461,7 @@ class Residency:
                 return
             del self._awake[a]
             self._leaving.add(a)
-        try:
-            self._sleep(a, engine)
-        finally:
-            with self._cond:
-                self._leaving.discard(a)
-                self._cond.notify_all()
+        self._sleep_leaving(a, engine)
 
     def sleep_now(self, a: AsyncEngine, engine: LLMEngine) -> None:
         """Put an idle `a` to sleep (start-up: room for the next model to load)."""
@@ -478,6 +473,10 @@ class Residency:
             del self._awake[a]
             self._busy.discard(a)
             self._leaving.add(a)
+        self._sleep_leaving(a, engine)
+
+    def _sleep_leaving(self, a: AsyncEngine, engine: LLMEngine) -> None:
+        """Sleep `a`, already moved from awake to leaving; its slot is free once this returns."""
         try:
             self._sleep(a, engine)
         finally:
