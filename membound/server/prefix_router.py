@@ -11,8 +11,10 @@ match) power of two choices on queue length. Imports ray: only `serve --replicas
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import random
+import time
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -21,6 +23,7 @@ from membound.engine.kv_cache import extend_block_hashes
 
 log = logging.getLogger("membound")
 
+RECENT_S = 1.0  # how long a routed request counts toward its replica's queue beside the cached length
 INDEX_TIMEOUT_S = 1.0  # a match or queue probe slower than this routes by load instead (a dead index)
 
 
@@ -118,6 +121,9 @@ class MemboundRouter(RequestRouter):
         self._threshold = imbalance_threshold
         self._next = 0
         self._decisions: dict[str, tuple[str, dict[str, int]]] = {}  # request id -> (kind, matched blocks)
+        # When each replica was sent its recent requests: Serve's queue-length cache does not see a
+        # burst's requests yet, so without these a burst sharing one prefix piles onto one replica.
+        self._recent: dict[str, collections.deque] = {}
 
     def update_replicas(self, replicas: list[RunningReplica]):
         out = super().update_replicas(replicas)
@@ -170,18 +176,34 @@ class MemboundRouter(RequestRouter):
                 matched, lens = {}, {}
         if matched and max(matched.values()) > 0:
             if lens:
+                now = time.monotonic()
+                lens = {r.replica_id: lens[r.replica_id] + self._sent(r.replica_id.unique_id, now)
+                        for r in candidates if r.replica_id in lens}  # fmt: skip
                 lowest = min(lens.values())
                 best_n = max(matched.values())
                 best = [r for r in candidates if matched[r.replica_id.unique_id] == best_n and r.replica_id in lens]
                 if best:
                     pick = min(best, key=lambda r: lens[r.replica_id])
-                    if lens[pick.replica_id] - lowest <= self._threshold:
-                        if rid is not None:
-                            self._decisions[rid] = ("prefix", matched)
-                        return [[pick], two]  # the pick first; if it is full, power of two
+                    if lens[pick.replica_id] - lowest > self._threshold:
+                        # Past the threshold: the shortest queue as this router counts it.
+                        kind, pick = "load", min(candidates, key=lambda r: lens.get(r.replica_id, lowest))
+                    else:
+                        kind = "prefix"
+                    if rid is not None:
+                        self._decisions[rid] = (kind, matched)
+                    # Counted now, not when Serve sends it: the rest of a burst is being routed meanwhile.
+                    self._recent.setdefault(pick.replica_id.unique_id, collections.deque()).append(now)
+                    return [[pick], two]  # the pick first; if it is full, power of two
         if rid is not None:
             self._decisions[rid] = ("load", matched)
         return [two]  # Serve probes both and takes the shorter queue
+
+    def _sent(self, replica: str, now: float) -> int:
+        """Requests sent to `replica` in the last RECENT_S (maybe not yet in its cached queue length)."""
+        q = self._recent.get(replica)
+        while q and now - q[0] > RECENT_S:
+            q.popleft()
+        return len(q) if q else 0
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         kind, matched = self._decisions.pop(pending_request.metadata.internal_request_id, ("load", {}))
